@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with everything nanochat-on-Ray needs.
+#   bash install.sh          runtime + dev tools
+#   bash install.sh --test   also Debian's chromium (for the browser test of the chat UI)
+# On a machine without an NVIDIA GPU it installs the CPU build of torch 2.13.0 first, so pip never pulls
+# a multi-GB CUDA build; on a GPU machine PyPI's default (CUDA) torch is used.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" >/dev/null 2>&1; then
+  pip install -q "torch==2.13.0"
+fi
+pip install -q -e ".[dev]"
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+echo "install.sh: ready (activate with: . .venv/bin/activate)"

@@ -1,0 +1,26 @@
+"""Shared pytest set-up: hermetic environment defaults and a per-test base directory.
+
+Run everything: python -m pytest -q          Fast lane: python -m pytest -q -m "not ray and not slow"
+"""
+
+import os
+
+import pytest
+
+# Environment defaults for every test process (and the Ray workers they start, which inherit the environment).
+os.environ.setdefault("WANDB_MODE", "offline")  # real wandb, no account, no network
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """A fresh NANOCHAT_BASE_DIR for one test."""
+    d = tmp_path / "nanochat_base"
+    d.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    return d
