@@ -1,0 +1,199 @@
+"""
+Attention backend with Flash Attention 3's call signatures: PyTorch SDPA everywhere, FA3 as an optional fast path.
+
+    from nanochat.flash_attention import flash_attn
+    y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(w, 0))            # training, no cache
+    y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,              # inference
+                                           cache_seqlens=lens, causal=True, window_size=(w, 0))
+
+Layout is FA3's (B, T, H, D) for q/k/v and (B, T_max, H_kv, D) for one layer's cache. `window_size=(left, right)`
+follows FA3: query i sees keys j with i - left <= j <= i + right, -1 meaning unlimited. Only causal attention is used
+by the model, so `right` must be 0 or -1. GQA (H a multiple of H_kv) is supported.
+
+FA3 is used only on a Hopper GPU with bf16 tensors and only if its kernel loads (`kernels` package from the HF Hub,
+or a locally installed `flash_attn_interface`); it is looked up lazily on the first CUDA call and any failure falls
+back to SDPA silently. On CPU (and everywhere else) SDPA does the work; sliding windows become explicit masks.
+
+KV-cache call protocol (what gpt.py does and what nanochat.engine.KVCache provides), one forward with T new tokens:
+  1. gpt.py reads `kv_cache.cache_seqlens` (int32, shape (B,)): row b's new tokens sit at positions
+     cache_seqlens[b] + 0..T-1 (RoPE is applied at those per-row offsets). Rows may differ (continuous batching).
+  2. Smear state: gpt.py reads `kv_cache.prev_embedding` ((B, 1, C) or None) and stores the new last-position
+     embedding there. Rows whose length is 0 get no smear.
+  3. For each layer i: `k_cache, v_cache = kv_cache.get_layer_cache(i)` (views, (B, T_max, H_kv, D)), then
+     `flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens, ...)` writes the
+     new k/v in place at each row's positions and attends over that row's prefix; it never changes cache_seqlens.
+  4. After the last layer gpt.py calls `kv_cache.advance(T)` once (every row's length += T).
+So the cache object needs: cache_seqlens, prev_embedding, get_layer_cache(i), advance(n). k_cache/v_cache must be in
+the dtype of k/v (the compute dtype).
+"""
+
+import functools
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+# Tests set this to 'sdpa' or 'fa3' to force a backend; None = automatic.
+_override_impl = None
+
+
+@functools.lru_cache(maxsize=1)
+def _load_flash_attention_3():
+    """The FA3 interface module, or None. Called lazily (first CUDA call), never raises."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        if torch.cuda.get_device_capability()[0] != 9:  # the FA3 kernels we can get are built for Hopper
+            return None
+        try:
+            import flash_attn_interface  # a local FA3 build, if someone installed one
+
+            return flash_attn_interface
+        except ImportError:
+            pass
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from kernels import get_kernel
+
+        return get_kernel("varunneal/flash-attention-3").flash_attn_interface
+    except Exception:  # no package, no network, ABI mismatch: SDPA works everywhere
+        return None
+
+
+def __getattr__(name):
+    # HAS_FA3 is computed on first access, so importing this module never touches CUDA or the network.
+    if name == "HAS_FA3":
+        return _load_flash_attention_3() is not None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _use_fa3(q):
+    if _override_impl == "sdpa":
+        return False
+    if _override_impl == "fa3":
+        if _load_flash_attention_3() is None:
+            raise RuntimeError("flash_attention._override_impl='fa3' but FA3 is not available on this machine")
+        return True
+    return q.is_cuda and q.dtype == torch.bfloat16 and _load_flash_attention_3() is not None
+
+
+def _check_window(window_size):
+    left, right = window_size
+    if right not in (0, -1):
+        raise ValueError(f"window_size={window_size}: only causal windows (right = 0 or -1) are supported")
+    return left
+
+
+def _check_qkv(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be (B, T, H, D); got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.size(2) % k.size(2) != 0:
+        raise ValueError(f"number of query heads ({q.size(2)}) must be a multiple of kv heads ({k.size(2)})")
+
+
+# -----------------------------------------------------------------------------
+# SDPA implementation, (B, H, T, D) layout inside
+
+
+def _sdpa_causal(q, k, v, left):
+    """Causal attention where the Tq queries are the last Tq of the Tk keys (same offset for every row)."""
+    Tq, Tk = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
+    windowed = 0 <= left < Tk
+    if Tq == Tk and not (0 <= left < Tq):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if Tq == 1:
+        if windowed:  # a single query needs only its last left+1 keys: slice instead of masking
+            k, v = k[:, :, Tk - (left + 1):], v[:, :, Tk - (left + 1):]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    # Under torch.compile build the mask inline (cheap, fused); eagerly, reuse a cached one.
+    make = _causal_mask.__wrapped__ if torch.compiler.is_compiling() else _causal_mask
+    mask = make(Tq, Tk, left if windowed else -1, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_mask(Tq, Tk, left, device):
+    """(Tq, Tk) bool mask, True = attend. Query r sits at position Tk - Tq + r. Cached: training reuses a few shapes."""
+    qpos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    kpos = torch.arange(Tk, device=device)[None, :]
+    mask = kpos <= qpos
+    if left >= 0:
+        mask = mask & (qpos - kpos <= left)
+    return mask
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """Attention without a cache. q: (B, T, H, D), k/v: (B, T, H_kv, D) -> (B, T, H, D)."""
+    _check_qkv(q, k, v)
+    left = _check_window(window_size)
+    if _use_fa3(q):
+        return _load_flash_attention_3().flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if causal:
+        y = _sdpa_causal(q, k, v, left)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=q.size(1) != k.size(1))
+    return y.transpose(1, 2)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
+                            window_size=(-1, -1)):
+    """Attention against one layer's KV cache, writing the new k/v into the cache first (in place, like FA3).
+
+    q: (B, T, H, D); k_cache/v_cache: (B, T_max, H_kv, D); k/v: (B, T, H_kv, D) or None; cache_seqlens: (B,) int32,
+    the number of valid cached tokens per row before this call (rows may differ). Returns (B, T, H, D).
+    """
+    if cache_seqlens is None:
+        raise ValueError("flash_attn_with_kvcache needs cache_seqlens (a (B,) int32 tensor of cached lengths)")
+    _check_qkv(q, k_cache, v_cache)
+    left = _check_window(window_size)
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (or neither)")
+    if _use_fa3(q):
+        return _load_flash_attention_3().flash_attn_with_kvcache(
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, window_size=window_size)
+
+    B, Tq = q.shape[:2]
+    T_new = 0 if k is None else k.size(1)
+    lens = cache_seqlens.tolist()  # one host sync per layer (upstream's SDPA path does the same with .item())
+    lo, hi = min(lens), max(lens)
+    if hi + T_new > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: {hi} cached + {T_new} new tokens > capacity {k_cache.size(1)}")
+    if lo == hi:
+        # Every row at the same position: plain slices, numerically identical to upstream's uniform-position path.
+        if k is not None:
+            k_cache[:, lo:lo + T_new] = k
+            v_cache[:, lo:lo + T_new] = v
+        end = lo + T_new
+        qt, kt, vt = q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+        if causal:
+            y = _sdpa_causal(qt, kt, vt, left)
+        else:
+            y = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=qt.size(1) != kt.size(1))
+        return y.transpose(1, 2)
+
+    # Rows at different positions: scatter the new k/v to (b, lens[b] + t) and mask each row separately.
+    starts = cache_seqlens.to(torch.long)[:, None]  # (B, 1)
+    if k is not None:
+        rows = torch.arange(B, device=q.device)[:, None]
+        cols = starts + torch.arange(T_new, device=q.device)[None, :]  # (B, T_new)
+        k_cache[rows, cols] = k
+        v_cache[rows, cols] = v
+    end = hi + T_new
+    # Queries are the row's last Tq tokens: positions lens[b] + T_new - Tq + r.
+    qpos = (starts + (T_new - Tq) + torch.arange(Tq, device=q.device)[None, :])[:, :, None]  # (B, Tq, 1)
+    kpos = torch.arange(end, device=q.device)[None, None, :]  # (1, 1, Tk)
+    if causal:
+        mask = kpos <= qpos
+        if left >= 0:
+            mask = mask & (qpos - kpos <= left)
+    else:
+        mask = (kpos < starts[:, :, None] + T_new).expand(B, Tq, end)
+    qt, kt, vt = q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+    y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=qt.size(1) != kt.size(1))
+    return y.transpose(1, 2)
+
+
+flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)
