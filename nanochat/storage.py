@@ -22,7 +22,8 @@ from nanochat.common import NanochatError
 # Short timeouts so a wrong endpoint fails in seconds; reads of big checkpoints get a longer read timeout.
 S3_CONNECT_TIMEOUT_S = 3
 S3_READ_TIMEOUT_S = 60
-S3_MAX_ATTEMPTS = 2  # 1 retry: transient errors are retried once, a dead endpoint is reported quickly
+S3_PROBE_READ_TIMEOUT_S = 2  # check_writable sends a 2-byte object: a server that does not answer is broken
+S3_MAX_ATTEMPTS = 2  # total attempts = 1 retry: transient errors are retried once, a dead endpoint is reported quickly
 _MULTIPART_THRESHOLD = 64 * 1024 * 1024  # above this, s3transfer uploads in parts (aborted on failure)
 
 # -----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def _cached_client(endpoint, region, _env_key, read_timeout):
     config = Config(
         connect_timeout=S3_CONNECT_TIMEOUT_S,
         read_timeout=read_timeout,
-        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
         region_name=region,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
@@ -330,7 +331,7 @@ def check_writable(uri):
     marker = join(uri, f".nanochat_write_check_{uuid.uuid4().hex[:12]}")
     if is_remote(uri):
         bucket, key = _split_s3(marker)
-        client = _s3_client(read_timeout=S3_CONNECT_TIMEOUT_S)  # a tiny request: a hung server fails fast too
+        client = _s3_client(read_timeout=S3_PROBE_READ_TIMEOUT_S)  # a tiny request: a hung server fails fast too
         with _s3_errors(uri, reading=False):
             client.put_object(Bucket=bucket, Key=key, Body=b"ok")
             client.delete_object(Bucket=bucket, Key=key)
