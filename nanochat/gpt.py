@@ -377,7 +377,7 @@ class GPT(nn.Module):
         if lo == hi:  # all rows at one position: a slice (the common case, and upstream's only case)
             return self.cos[:, lo:lo + T], self.sin[:, lo:lo + T], lens
         pos = kv_cache.cache_seqlens.to(torch.long)[:, None] + torch.arange(T, device=self.cos.device)  # (B, T)
-        return self.cos[0, pos][:, :, None], self.sin[0, pos][:, :, None], lens
+        return self.cos[0, pos], self.sin[0, pos], lens  # (B, T, 1, D/2)
 
     def _smear(self, x):
         """x[:, t] += smear_lambda * sigmoid(gate(x[:, t, :24])) * x[:, t-1] for t >= 1 (cheap bigram signal)."""
