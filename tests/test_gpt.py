@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanochat import flash_attention
 from nanochat.common import COMPUTE_DTYPE
