@@ -1,0 +1,81 @@
+"""
+Pretrain a base model on Ray Train: upstream base_train's flags and defaults, plus Ray's.
+
+    python -m ray_jobs.base_train --depth=4 --max-seq-len=512 --device-batch-size=1 --eval-tokens=512 \
+        --core-metric-every=-1 --total-batch-size=512 --num-iterations=20 --num-workers=2
+    python -m ray_jobs.base_train --num-workers 0 ...     # same loop in this process, no Ray (also under torchrun)
+
+Every flag combination is validated (and storage checked) before Ray starts. Resubmitting with the same --name
+(default base_train-<model tag>) resumes from the newest checkpoint; --num-workers may differ from the run that
+wrote it. Checkpoints: <base dir>/base_checkpoints/<tag>/ (local or s3://); Ray run state: --storage.
+"""
+
+import argparse
+import sys
+
+from nanochat.common import NanochatError, print_banner
+from nanochat.train import BaseTrainConfig, plan_for, train
+from ray_jobs import train_common as tc
+
+
+def parse_args(argv=None) -> tuple[BaseTrainConfig, tc.ClusterArgs]:
+    parser = argparse.ArgumentParser(description="Pretrain base model (on Ray Train)")
+    tc.add_config_flags(parser, BaseTrainConfig)
+    tc.add_cluster_flags(parser)
+    args = parser.parse_args(argv)
+    cfg_kwargs, cluster = tc.split_args(args, BaseTrainConfig)
+    return BaseTrainConfig(**cfg_kwargs), cluster
+
+
+def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainConfig, bool, str]:
+    """Validate everything that can be checked before Ray starts. Returns (cfg for the workers, use_gpu, run name)."""
+    tc.validate_cluster(cluster)
+    cfg.validate()
+    use_gpu = tc.resolve_use_gpu(cluster, cfg.device_type) if cluster.num_workers > 0 else False
+    if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
+        cfg.device_type = "cpu"  # workers must not autodetect a GPU that Ray did not assign to them
+    if cfg.data == "synthetic" and cfg.vocab_size > 0:
+        vocab_size = cfg.vocab_size
+    else:
+        from nanochat.tokenizer import get_tokenizer
+
+        vocab_size = get_tokenizer().get_vocab_size()
+    for world in tc.world_sizes(cluster):  # batch divisibility for every world size the run may take
+        plan_for(cfg, vocab_size, world)
+    from nanochat.common import get_base_dir
+
+    tc.check_storage(get_base_dir(), *([cluster.storage or tc.default_storage()] if cluster.num_workers else []))
+    return cfg, use_gpu, cluster.name or f"base_train-{cfg.tag}"
+
+
+def worker_fn(config: dict) -> None:
+    """Runs in every Ray Train worker: the library loop with a RaySink, then one final report (all ranks)."""
+    import ray.train
+
+    cfg = BaseTrainConfig.from_dict(config["cfg"])
+    sink = tc.RaySink(config["run_name"], config["report_every"])
+    result = train(cfg, sink)
+    ray.train.report(tc._plain({"final": True, **{k: v for k, v in result.items() if k != "checkpoint_dir"},
+                                "checkpoint_dir": result["checkpoint_dir"]}))
+
+
+def main(argv=None) -> int:
+    print_banner()
+    try:
+        cfg, cluster = parse_args(argv)
+        cfg, use_gpu, run_name = prepare(cfg, cluster)
+        if cluster.num_workers == 0:
+            result = train(cfg)
+        else:
+            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every}
+            result = tc.run_trainer(worker_fn, loop_config, cluster, use_gpu, run_name).metrics
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Final: step {result.get('step')} | min val bpb {result.get('min_val_bpb')} | "
+          f"checkpoints in {result.get('checkpoint_dir')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

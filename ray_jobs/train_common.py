@@ -1,0 +1,350 @@
+"""
+Shared Ray Train wiring for the training entry points (base_train, chat_sft): cluster flags, storage checks,
+`TorchTrainer` set-up, and `RaySink`, the library `TrainSink` implemented with Ray Train.
+
+Design (see README "Training on Ray"):
+- The loop is the library's plain function (nanochat.train.train / nanochat.sft.sft). TorchTrainer starts N workers;
+  Ray's torch backend creates the process group (gloo on CPU, NCCL on GPU) and nanochat's compute_init reuses it.
+  The model is NOT wrapped in DDP: MuonAdamW does its own reduce-scatter / all-gather.
+- Checkpoints are written in nanochat's layout under the base dir (local or s3://). After every complete save, each
+  rank calls ray.train.report and rank 0 attaches a tiny pointer checkpoint ({"checkpoint_dir", "step"}), so Ray
+  Train's registry knows the newest checkpoint. A restarted worker group (worker or node loss, or a resubmitted run
+  with the same name) resumes from the newer of: the registered pointer, or the newest complete nanochat checkpoint
+  that this run wrote (covers a crash between the save and Ray registering it).
+- Metrics: ray.train.report every --report-every steps, Ray custom metrics (Gauges, visible in the dashboard's
+  Prometheus export) on rank 0, and wandb (rank 0, inside the library) unless --run=dummy.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from nanochat.common import NanochatError, get_base_dir
+from nanochat.train import TrainSink
+
+# Environment forwarded to the Ray job and its workers: storage credentials/endpoint, nanochat and wandb settings.
+FORWARD_ENV_PREFIXES = ("AWS_", "NANOCHAT_", "WANDB_", "HF_", "OMP_NUM_THREADS", "PYTORCH_")
+
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+@dataclass
+class ClusterArgs:
+    """How to run on Ray. num_workers=0 runs the loop in this process without Ray (also works under torchrun)."""
+
+    num_workers: int = 1  # training workers (1 per GPU); 0 = in-process, no Ray
+    min_workers: int = -1  # elastic: restart with as few as this many workers after losing nodes (-1 = fixed)
+    use_gpu: str = "auto"  # auto | 1 | 0
+    cpus_per_worker: float = -1  # -1 = auto (all CPUs split across workers on CPU; 4 per GPU worker)
+    gpus_per_worker: float = 1
+    max_failures: int = 3  # worker-group restarts before giving up (-1 = infinite, e.g. spot fleets)
+    storage: str | None = None  # Ray Train run storage (default <base dir>/ray_runs); local path or s3://
+    name: str | None = None  # Ray run name; resubmitting with the same name resumes (default base_train-<tag>)
+    report_every: int = 10  # ray.train.report every N steps (a barrier across workers)
+    address: str | None = None  # Ray address to connect to (default: RAY_ADDRESS, else a local cluster)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()):
+    """One --flag per dataclass field (help from the field's metadata), defaults from the dataclass."""
+    for f in fields(config_cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        help_text = f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), None) or (f.type if f.type in (int, float) else str)
+        parser.add_argument(flag, type=kind, default=default, help=help_text + f" (default: {default})")
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("Ray")
+    g.add_argument("--num-workers", type=int, default=1, help="training workers, 1 per GPU (0 = in-process, no Ray)")
+    g.add_argument("--min-workers", type=int, default=-1, help="elastic lower bound after node loss (-1 = fixed)")
+    g.add_argument("--use-gpu", type=str, default="auto", choices=["auto", "1", "0"], help="train on GPUs")
+    g.add_argument("--cpus-per-worker", type=float, default=-1, help="CPUs per worker (-1 = auto)")
+    g.add_argument("--gpus-per-worker", type=float, default=1, help="GPUs per worker when --use-gpu")
+    g.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before failing (-1 = inf)")
+    g.add_argument("--storage", type=str, default=None, help="Ray run storage, local or s3:// (default: base dir)")
+    g.add_argument("--name", type=str, default=None, help="Ray run name; the same name resumes the run")
+    g.add_argument("--report-every", type=int, default=10, help="ray.train.report every N steps")
+    g.add_argument("--address", type=str, default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+
+
+def split_args(ns: argparse.Namespace, config_cls):
+    """(config kwargs, ClusterArgs) from parsed args."""
+    names = {f.name for f in fields(config_cls)}
+    cfg = {k: v for k, v in vars(ns).items() if k in names}
+    cluster = ClusterArgs(**{f.name: getattr(ns, f.name) for f in fields(ClusterArgs) if hasattr(ns, f.name)})
+    return cfg, cluster
+
+
+def validate_cluster(cluster: ClusterArgs):
+    if cluster.num_workers < 0:
+        raise NanochatError(f"--num-workers must be >= 0 (got {cluster.num_workers})")
+    if cluster.min_workers != -1 and not 1 <= cluster.min_workers <= cluster.num_workers:
+        raise NanochatError(f"--min-workers must be between 1 and --num-workers {cluster.num_workers}")
+    if cluster.report_every < 1:
+        raise NanochatError(f"--report-every must be >= 1 (got {cluster.report_every})")
+    if cluster.max_failures < -1:
+        raise NanochatError(f"--max-failures must be >= -1 (got {cluster.max_failures})")
+
+
+def world_sizes(cluster: ClusterArgs) -> list[int]:
+    """Every world size the run may have (elastic runs may restart with fewer workers)."""
+    if cluster.num_workers == 0:
+        return [int(os.environ.get("WORLD_SIZE", 1))]
+    lo = cluster.min_workers if cluster.min_workers > 0 else cluster.num_workers
+    return list(range(lo, cluster.num_workers + 1))
+
+
+def resolve_use_gpu(cluster: ClusterArgs, device_type: str) -> bool:
+    if device_type and device_type != "cuda":
+        if cluster.use_gpu == "1":
+            raise NanochatError(f"--use-gpu 1 contradicts --device-type {device_type}")
+        return False
+    if cluster.use_gpu != "auto":
+        return cluster.use_gpu == "1"
+    if device_type == "cuda":
+        return True
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:  # a GPU cluster driven from a CPU-only head node
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        return False
+
+
+def check_storage(*locations: str):
+    """Fail in seconds (not after an hour of training) when a storage location cannot be written."""
+    from nanochat import storage
+
+    for loc in locations:
+        storage.check_writable(loc)
+
+
+def forwarded_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+
+
+# -----------------------------------------------------------------------------
+# The sink: Ray Train's side of the library loop (runs inside each worker)
+
+
+class RaySink(TrainSink):
+    """nanochat.train.TrainSink on Ray Train: report metrics and checkpoint pointers, pick the resume step."""
+
+    MARKER = "nanochat_checkpoint.json"
+
+    def __init__(self, run_name: str, report_every: int):
+        import ray.train
+
+        self.ray_train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.run_name, self.report_every = run_name, report_every
+        self.gauges = _make_gauges(run_name) if self.rank == 0 else None
+        self.t_start = time.time()
+        self.first_step_reported = False
+
+    # ---- where to resume
+
+    def resume_step(self, checkpoint_dir: str) -> int | None:
+        """Newest of (Ray's registered pointer, newest complete checkpoint written by this run); same on all ranks."""
+        step = None
+        if self.rank == 0:
+            step = self._pick_resume_step(checkpoint_dir)
+        return _broadcast(step)
+
+    def _pick_resume_step(self, checkpoint_dir: str) -> int | None:
+        registered = None
+        ck = self.ray_train.get_checkpoint()
+        if ck is not None:
+            with ck.as_directory() as d:
+                pointer = json.load(open(os.path.join(d, self.MARKER)))
+            if pointer["checkpoint_dir"] == checkpoint_dir:
+                registered = int(pointer["step"])
+        own = own_complete_steps(checkpoint_dir, self.run_name)
+        newest_own = own[-1] if own else None
+        if registered is not None and (newest_own is None or registered >= newest_own):
+            print(f"[ray] resuming from registered checkpoint step {registered}")
+            return registered
+        if newest_own is not None:
+            print(f"[ray] resuming from step {newest_own}: newest complete checkpoint of run {self.run_name!r} "
+                  f"(registered: {registered})")
+            return newest_own
+        return None
+
+    def checkpoint_meta(self) -> dict:
+        return {"launcher": {"kind": "ray", "ray_run_name": self.run_name}}
+
+    def train_loader(self, cfg, tokenizer, device, resume_state):
+        return None  # the library's parquet loader (each rank reads its own row groups)
+
+    # ---- reporting
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        if self.gauges is not None:
+            _set_gauges(self.gauges, metrics)
+        if not self.first_step_reported:
+            self.first_step_reported = True
+            metrics = {**metrics, "time_to_first_step_s": time.time() - self.t_start}
+        if step % self.report_every == 0:
+            self.ray_train.report(_plain(metrics))
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        pass  # eval metrics ride along with the next step / checkpoint report (report is a barrier)
+
+    def on_checkpoint(self, step: int, checkpoint_dir: str, metrics: dict) -> None:
+        from ray.train import Checkpoint
+
+        name = f"step_{step:06d}"
+        if self.rank != 0:
+            self.ray_train.report(_plain(metrics), checkpoint=None, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, self.MARKER), "w") as f:
+                json.dump({"checkpoint_dir": checkpoint_dir, "step": step, "world_size": self.world}, f)
+            self.ray_train.report(_plain(metrics), checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+    def core_metric(self, model, tokenizer, device, step: int, max_per_task: int):
+        return None
+
+
+def own_complete_steps(checkpoint_dir: str, run_name: str) -> list[int]:
+    """Complete checkpoint steps in checkpoint_dir whose meta says this Ray run wrote them."""
+    from nanochat import storage
+    from nanochat.checkpoint_manager import complete_steps, meta_path
+
+    steps = []
+    for s in complete_steps(checkpoint_dir):
+        try:
+            meta = json.loads(storage.read_bytes(meta_path(checkpoint_dir, s)))
+        except (OSError, ValueError, NanochatError):
+            continue
+        if meta.get("launcher", {}).get("ray_run_name") == run_name:
+            steps.append(s)
+    return steps
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _plain(metrics: dict) -> dict:
+    """Ray metrics must be plain Python values (no tensors)."""
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and v == float("inf"):
+            v = None
+        out[k] = v
+    return out
+
+
+GAUGES = {  # Ray custom metric name -> (metric key in the loop's metrics, description)
+    "nanochat_train_tokens_per_second": ("train/tok_per_sec", "training throughput, tokens/s over all workers"),
+    "nanochat_train_mfu_percent": ("train/mfu", "model FLOPs utilization, % of peak (measured peak on CPU)"),
+    "nanochat_train_loss": ("train/loss", "smoothed training loss"),
+    "nanochat_train_step": ("step", "optimizer steps done"),
+}
+
+
+def _make_gauges(run_name: str):
+    from ray.util.metrics import Gauge
+
+    gauges = {}
+    for name, (key, desc) in GAUGES.items():
+        g = Gauge(name, description=desc, tag_keys=("run",))
+        g.set_default_tags({"run": run_name})
+        gauges[key] = g
+    return gauges
+
+
+def _set_gauges(gauges: dict, metrics: dict):
+    for key, g in gauges.items():
+        if key in metrics and isinstance(metrics[key], (int, float)):
+            g.set(float(metrics[key]))
+
+
+# -----------------------------------------------------------------------------
+# The driver side: start (or join) Ray and run a TorchTrainer
+
+
+def ray_init(cluster: ClusterArgs):
+    """Start or join a Ray cluster, forwarding credentials and settings to every process of the job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, log_to_driver=True)
+
+
+def default_storage() -> str:
+    from nanochat import storage
+
+    return storage.join(get_base_dir(), "ray_runs")
+
+
+def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: bool, run_name: str):
+    """Run worker_fn(loop_config) on a TorchTrainer; returns the ray.train.Result (raises once retries run out)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from nanochat import storage
+
+    ray_init(cluster)
+    storage_uri = cluster.storage or default_storage()
+    fs_kwargs = {"storage_path": storage_uri}
+    if storage.is_remote(storage_uri):  # explicit filesystem: the endpoint and keys travel with it
+        fs, path = storage.get_filesystem(storage_uri)
+        fs_kwargs = {"storage_path": path, "storage_filesystem": fs}
+    cpus = cluster.cpus_per_worker
+    if cpus <= 0:
+        total = ray.cluster_resources().get("CPU", 1)
+        cpus = 4 if use_gpu else max(1, int(total // max(cluster.num_workers, 1)))
+    resources = {"CPU": cpus}
+    if use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    num_workers = cluster.num_workers
+    if cluster.min_workers > 0 and cluster.min_workers < num_workers:
+        num_workers = (cluster.min_workers, cluster.num_workers)
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(os.environ.get(
+            "NANOCHAT_COLLECTIVE_TIMEOUT_S", 1800))),
+        run_config=RunConfig(
+            name=run_name,
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            worker_runtime_env={"env_vars": forwarded_env()},
+            **fs_kwargs,
+        ),
+    )
+    return trainer.fit()
+
+
+def cluster_dict(cluster: ClusterArgs) -> dict:
+    return asdict(cluster)
