@@ -300,3 +300,32 @@ def test_get_tokenizer_and_token_bytes_from_base_dir(tok, base_dir):
     assert loaded.enc._mergeable_ranks == tok.enc._mergeable_ranks
     token_bytes = get_token_bytes("cpu")
     assert token_bytes.dtype == torch.int32 and torch.equal(token_bytes, compute_token_bytes(tok))
+
+
+def test_batch_encode_many_texts_keeps_order(tok):
+    texts = [f"doc {i}: " + "naïve café 你好 " * (i % 7) + str(i * 7919) for i in range(301)]
+    expected_rows = [tok.encode(t) for t in texts]
+    for num_threads in (1, 2, 3, 8):
+        assert tok.encode(texts, num_threads=num_threads) == expected_rows
+    assert tok.encode([]) == []
+    assert tok.encode([""], prepend="<|bos|>") == [[tok.get_bos_token_id()]]
+
+
+def _encode_in_child(tok, texts, queue):
+    queue.put(tok.encode(texts, num_threads=2))
+
+
+def test_batch_encode_after_fork(tok):
+    # the persistent encode pool must not be inherited half-alive by a forked child (e.g. a DataLoader worker)
+    import multiprocessing
+
+    texts = ["hello world", "second document", "third"] * 10
+    tok.encode(texts, num_threads=2)  # make sure the parent's pool exists before forking
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_encode_in_child, args=(tok, texts, queue))
+    child.start()
+    rows = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert rows == tok.encode(texts)
