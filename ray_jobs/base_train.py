@@ -48,15 +48,13 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
     return cfg, use_gpu, cluster.name or f"base_train-{cfg.tag}"
 
 
-def worker_fn(config: dict) -> None:
+def worker_fn(config: dict, sink_cls=tc.RaySink) -> None:
     """Runs in every Ray Train worker: the library loop with a RaySink, then one final report (all ranks)."""
     import ray.train
 
     cfg = BaseTrainConfig.from_dict(config["cfg"])
-    sink = tc.RaySink(config["run_name"], config["report_every"])
-    result = train(cfg, sink)
-    ray.train.report(tc._plain({"final": True, **{k: v for k, v in result.items() if k != "checkpoint_dir"},
-                                "checkpoint_dir": result["checkpoint_dir"]}))
+    result = train(cfg, sink_cls(config["run_name"], config["report_every"]))
+    ray.train.report(tc._plain({"final": True, **result}))
 
 
 def main(argv=None) -> int:
