@@ -1,0 +1,318 @@
+"""python -m pytest tests/test_optim.py -q
+
+MuonAdamW: AdamW against torch.optim.AdamW; both halves against upstream nanochat's golden run
+(tests/fixtures/upstream_optim.pt, written by dev/make_upstream_fixtures_optim.py) single-process, with the bf16
+Muon cast, and per rank at world size 2; a 2-rank torchrun step (gloo, native and fallback collectives) against
+single-process gradient accumulation on a tiny GPT; re-sharding 2 -> 1 and 1 -> 2 ranks; determinism.
+"""
+
+import os
+import subprocess
+import sys
+
+import _optim_dist_worker as W
+import pytest
+import torch
+
+import nanochat.optim as optim_module
+from nanochat.common import NanochatError
+from nanochat.optim import (
+    MuonAdamW,
+    gather_full_optimizer_state,
+    load_resharded_state_dict,
+    shard_optimizer_state,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return torch.load(W.FIXTURE)
+
+
+def assert_state_dicts_close(ours: dict, theirs: dict, atol=1e-6, rtol=1e-5):
+    """Same layout (indices, keys, shapes, step counts, group hyperparameters) and close tensors."""
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert sorted(ours["state"]) == sorted(theirs["state"])
+    for index, entry in theirs["state"].items():
+        assert sorted(ours["state"][index]) == sorted(entry), index
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert ours["state"][index][key].shape == value.shape, (index, key)
+                torch.testing.assert_close(ours["state"][index][key], value, atol=atol, rtol=rtol)
+            else:
+                assert ours["state"][index][key] == value, (index, key)
+
+
+def assert_params_close(ours, theirs, atol=1e-6, rtol=1e-5):
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, i=i: f"param {i}: {m}")
+
+
+def run_fixture_steps(fixture, variant):
+    params, opt = W.fixture_params_and_groups(fixture)
+    for step, grads in enumerate(fixture[variant]["grads"]):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        assert_params_close(W.snapshot(params), fixture[variant]["after"][step])
+    return params, opt
+
+
+# -----------------------------------------------------------------------------
+# Single process
+
+
+def test_adamw_matches_torch_reference():
+    hypers = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(64, 32, generator=gen)), torch.nn.Parameter(torch.randn(40, generator=gen))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = MuonAdamW([dict(kind="adamw", params=ours, **hypers)])
+    opt_ref = torch.optim.AdamW(ref, **hypers)
+    for _ in range(10):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt_ours.step()
+        opt_ref.step()
+    assert_params_close(ours, ref)
+
+
+def test_adamw_bf16_params_update_in_fp32():
+    """bf16 storage (as upstream's embeddings on GPU): the math runs in fp32 and rounds once at the end."""
+    p32 = torch.nn.Parameter(torch.randn(32, 32))
+    p16 = torch.nn.Parameter(p32.detach().bfloat16())
+    group = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    ref = MuonAdamW([dict(kind="adamw", params=[p32], **group)])
+    low = MuonAdamW([dict(kind="adamw", params=[p16], **group)])
+    p32.grad = torch.randn(32, 32)
+    p16.grad = p32.grad.bfloat16()
+    with torch.no_grad():
+        p32.copy_(p16.float())
+    ref.step()
+    low.step()
+    assert p16.dtype == torch.bfloat16 and low.state[p16]["exp_avg"].dtype == torch.bfloat16
+    torch.testing.assert_close(p16.float(), p32.detach(), atol=1e-2, rtol=1e-2)
+
+
+def test_matches_upstream_single_process(fixture):
+    """Three steps of every group kind equal upstream's parameters, and the state dict equals upstream's file."""
+    _, opt = run_fixture_steps(fixture, "single")
+    assert_state_dicts_close(opt.state_dict(), fixture["single"]["state_dict"])
+
+
+def test_matches_upstream_bf16_muon(fixture, monkeypatch):
+    """COMPUTE_DTYPE = bf16: the polar iteration runs in bf16 exactly as upstream's (same CPU kernels)."""
+    monkeypatch.setattr(optim_module, "COMPUTE_DTYPE", torch.bfloat16)
+    _, opt = run_fixture_steps(fixture, "bf16")
+    assert_state_dicts_close(opt.state_dict(), fixture["bf16"]["state_dict"])
+
+
+def test_loads_upstream_state_dict(fixture):
+    """An upstream optimizer file loads, round-trips, and continues exactly like the optimizer that wrote it."""
+    params, opt = W.fixture_params_and_groups(fixture)
+    with torch.no_grad():
+        for p, saved in zip(params, fixture["single"]["after"][-1]):
+            p.copy_(saved)
+    opt.load_state_dict(fixture["single"]["state_dict"])
+    assert_state_dicts_close(opt.state_dict(), fixture["single"]["state_dict"], atol=0, rtol=0)
+    ref_params, ref_opt = run_fixture_steps(fixture, "single")
+    for p, q in zip(params, ref_params):
+        p.grad = torch.full_like(p, 0.01)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref_opt.step()
+    assert_params_close(W.snapshot(params), W.snapshot(ref_params), atol=0, rtol=0)
+
+
+def test_determinism(fixture):
+    runs = [W.snapshot(run_fixture_steps(fixture, "single")[0]) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_convergence_and_orthogonality():
+    """Behaviour, not just equality: distance to a target shrinks; the first Muon update is near-orthogonal."""
+    gen = torch.Generator().manual_seed(3)
+    targets = [torch.randn(48, generator=gen), torch.randn(32, 32, generator=gen)] + \
+              [torch.randn(16, 32, generator=gen) for _ in range(2)]
+    params = [torch.nn.Parameter(t + 0.1) for t in targets]
+    opt = MuonAdamW([dict(kind="adamw", params=params[:2], lr=0.02, betas=(0.8, 0.95), eps=1e-10, weight_decay=0),
+                     dict(kind="muon", params=params[2:], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9,
+                          weight_decay=0)])
+    start = [(p - t).norm().item() for p, t in zip(params, targets)]
+    for _ in range(40):
+        for p, t in zip(params, targets):
+            p.grad = 2 * (p.detach() - t)
+        opt.step()
+    for i, (p, t) in enumerate(zip(params, targets)):
+        assert (p - t).norm().item() < 0.5 * start[i], i
+
+    p = torch.nn.Parameter(torch.zeros(32, 64))
+    opt = MuonAdamW([dict(kind="muon", params=[p], lr=1.0, momentum=0.0, ns_steps=5, beta2=1.0, weight_decay=0.0)])
+    p.grad = torch.randn(32, 64, generator=gen)
+    opt.step()
+    s = torch.linalg.svdvals(p.detach())
+    assert s.max() / s.min() < 4.0, s
+
+
+def test_compile_is_optional(monkeypatch):
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    group = dict(kind="muon", params=[p], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0)
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE", raising=False)
+    assert MuonAdamW([group])._use_compile() is False  # CPU parameters: eager by default
+    assert MuonAdamW([group], compile=True)._use_compile() is True
+    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "1")
+    assert MuonAdamW([group])._use_compile() is True
+    assert MuonAdamW([group], compile=False)._use_compile() is False
+
+
+def test_bad_groups_raise_clear_errors():
+    a, b = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="one shape"):
+        MuonAdamW([dict(kind="muon", params=[a, b], lr=0.1, momentum=0.9, ns_steps=5, beta2=0.9, weight_decay=0)])
+    with pytest.raises(ValueError, match="'adamw' or 'muon'"):
+        MuonAdamW([dict(kind="sgd", params=[a], lr=0.1)])
+    with pytest.raises(ValueError, match="missing"):
+        MuonAdamW([dict(kind="adamw", params=[a], lr=0.1)])
+    opt = MuonAdamW([dict(kind="adamw", params=[a], lr=0.1, betas=(0.9, 0.9), eps=1e-8, weight_decay=0)])
+    with pytest.raises(NanochatError, match="no gradient"):
+        opt.step()
+
+
+# -----------------------------------------------------------------------------
+# Re-sharding (pure functions, single process)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shard_then_gather_is_identity(fixture, world):
+    """Any world size, including ones that need padding (rows 32 on 3/5 ranks, K = 3 on 2 ranks)."""
+    _, opt = run_fixture_steps(fixture, "single")
+    full = opt.state_dict()
+    shards = [shard_optimizer_state(full, opt, r, world) for r in range(world)]
+    assert_state_dicts_close(gather_full_optimizer_state(shards, opt), full, atol=0, rtol=0)
+
+
+def test_gather_upstream_rank_files(fixture):
+    """Upstream's 2-rank files merge into one full state; cutting it again gives upstream's files back."""
+    params, opt = W.fixture_params_and_groups(fixture)
+    ranks = fixture["dist"]["rank_state_dicts"]
+    full = gather_full_optimizer_state(ranks, opt)
+    opt.load_state_dict(full)  # fits world size 1
+    assert opt.state[params[2]]["momentum_buffer"].shape == (3, 16, 32)
+    for r in range(2):
+        assert_state_dicts_close(shard_optimizer_state(full, opt, r, 2), ranks[r], atol=0, rtol=0)
+
+
+def test_wrong_world_size_is_a_clear_error(fixture):
+    _, opt = W.fixture_params_and_groups(fixture)
+    with pytest.raises(NanochatError, match="different number of ranks"):
+        opt.load_state_dict(fixture["dist"]["rank_state_dicts"][0])
+    with pytest.raises(NanochatError, match="different number of ranks"):  # one rank file of two missing
+        gather_full_optimizer_state(fixture["dist"]["rank_state_dicts"][:1], opt)
+    load_resharded_state_dict(opt, fixture["dist"]["rank_state_dicts"])  # the supported way
+
+
+# -----------------------------------------------------------------------------
+# torchrun, 2 ranks (gloo): one launch, results compared below
+
+
+def single_process_gpt(steps):
+    """Reference: one process, gradient accumulation over the 2 micro-batches the 2 ranks take."""
+    model = W.build_gpt()
+    opt = W.gpt_optimizer(model)
+    after = []
+    for step in steps:
+        for micro in range(2):
+            x, y = W.micro_batch(step, micro)
+            (model(x, y) / 2).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        after.append(W.snapshot(model))
+    return model, opt, after
+
+
+@pytest.fixture(scope="module")
+def torchrun_results(tmp_path_factory):
+    ref_dir, out_dir = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("out")
+    model, opt, after = single_process_gpt([0, 1, 2])
+    # The 1 -> 2 resume needs the single-process state after step 1: rerun 2 steps (cheap) to capture it.
+    model2, opt2, after2 = single_process_gpt([0, 1])
+    torch.save(after2[-1], ref_dir / "single_params_step1.pt")
+    torch.save(opt2.state_dict(), ref_dir / "single_optim_step1.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", NANOCHAT_DTYPE="float32",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("NANOCHAT_OPTIM_COMM", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(REPO, "tests", "_optim_dist_worker.py"), str(ref_dir), str(out_dir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    def load(name):
+        return torch.load(out_dir / name)
+
+    return dict(load=load, single_after=after, single_step1_state=opt2.state_dict())
+
+
+def test_dist_matches_upstream_per_rank(fixture, torchrun_results):
+    """Same inputs as upstream's 2-rank run: identical per-rank optimizer files and parameters."""
+    load = torchrun_results["load"]
+    for r in range(2):
+        assert_state_dicts_close(load(f"fixture_optim_rank{r}.pt"), fixture["dist"]["rank_state_dicts"][r])
+    assert_params_close(load("fixture_params.pt"), fixture["dist"]["after"][-1])
+
+
+@pytest.mark.parametrize("mode", ["native", "fallback"])
+def test_dist_step_equals_grad_accumulation(torchrun_results, mode):
+    load, single = torchrun_results["load"], torchrun_results["single_after"]
+    for step in (0, 1):
+        assert_params_close(load(f"gpt_{mode}_params_step{step}.pt"), single[step], atol=1e-5, rtol=0)
+
+
+def test_fallback_collectives_equal_native(torchrun_results):
+    load = torchrun_results["load"]
+    assert_params_close(load("gpt_fallback_params_step1.pt"), load("gpt_native_params_step1.pt"), atol=1e-6)
+    for r in range(2):
+        assert_state_dicts_close(load(f"gpt_fallback_optim_step1_rank{r}.pt"), load(f"gpt_native_optim_step1_rank{r}.pt"))
+
+
+def test_reshard_2_to_1_preserves_update(torchrun_results):
+    """Resume the 2-rank run (after step 1) in one process: step 2 lands where the 2-rank run's step 2 did."""
+    load = torchrun_results["load"]
+    model = W.build_gpt()
+    opt = W.gpt_optimizer(model)
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), load("gpt_native_params_step1.pt")):
+            p.copy_(saved)
+    rank_files = [load(f"gpt_native_optim_step1_rank{r}.pt") for r in range(2)]
+    load_resharded_state_dict(opt, rank_files)
+    assert_state_dicts_close(opt.state_dict(), torchrun_results["single_step1_state"], atol=1e-5)
+    for micro in range(2):
+        x, y = W.micro_batch(2, micro)
+        (model(x, y) / 2).backward()
+    opt.step()
+    assert_params_close(W.snapshot(model), load("gpt_native_params_step2.pt"), atol=1e-5, rtol=0)
+    assert_params_close(W.snapshot(model), torchrun_results["single_after"][2], atol=1e-5, rtol=0)
+
+
+def test_reshard_1_to_2_preserves_update(torchrun_results):
+    """The 2-rank run resumed from the single-process state: its step 2 equals the single-process step 2."""
+    load = torchrun_results["load"]
+    assert_params_close(load("resumed_params_step2.pt"), torchrun_results["single_after"][2], atol=1e-5, rtol=0)
+
+
+def test_dist_padding_paths(torchrun_results):
+    """AdamW rows % world != 0 and Muon K % world != 0 across 2 ranks equal one process with averaged grads."""
+    load = torchrun_results["load"]
+    params, opt = W.odd_params_and_optimizer()
+    for step in range(2):
+        per_rank = [W.odd_grads(step, r) for r in range(2)]
+        for p, g0, g1 in zip(params, *per_rank):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    assert_params_close(load("odd_params.pt"), W.snapshot(params), atol=1e-5, rtol=0)
+    full = gather_full_optimizer_state([load(f"odd_optim_rank{r}.pt") for r in range(2)], opt)
+    assert_state_dicts_close(full, opt.state_dict(), atol=1e-5)
