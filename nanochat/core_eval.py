@@ -24,6 +24,7 @@ shuffled task instead; with enough examples the draw is exactly upstream's.
 """
 
 import csv
+import http.client
 import json
 import os
 import random
@@ -32,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -260,7 +262,7 @@ def _zip_problem(zip_path: str) -> str | None:
                 return f"CRC error in {bad}"
             if "eval_bundle/core.yaml" not in zf.namelist():
                 return "no eval_bundle/core.yaml inside"
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
         return f"not a valid zip ({e})"
     return None
 
@@ -312,7 +314,7 @@ def ensure_eval_bundle(url: str | None = None, attempts: int = 3) -> str:
                 os.remove(zip_path)
             try:
                 _download(url, zip_path)
-            except OSError as e:  # URLError/HTTPError are OSErrors
+            except (OSError, http.client.HTTPException) as e:  # URLError/HTTPError are OSErrors
                 print0(f"download of {url} failed ({e}), attempt {attempt + 1}/{attempts}")
         if os.path.exists(zip_path) and _zip_problem(zip_path) is None:
             _place_bundle(zip_path, bundle_dir)

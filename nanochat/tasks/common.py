@@ -15,6 +15,7 @@ Offline / test overrides (read at call time, so Ray workers see what the driver 
     NANOCHAT_TASK_DATA_URL=http://127.0.0.1:PORT   use this instead of https://huggingface.co for the listing
 """
 
+import http.client
 import json
 import os
 import random
@@ -67,7 +68,7 @@ def _http_get(url: str) -> bytes:
                 if expected is not None and int(expected) != len(body):
                     raise OSError(f"truncated body: {len(body)} of {expected} bytes")
                 return body
-        except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError is a URLError
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             last_error = e
             time.sleep(0.2 * 2**attempt)
     raise NanochatError(
