@@ -236,12 +236,20 @@ def read_bytes(p):
 
 
 def open_read(p):
-    """A readable binary file object: the file itself locally, an in-memory copy of the object on S3."""
+    """A readable, seekable binary file: the file itself locally; on S3 a local temp copy of the object (downloaded
+    with parallel ranged GETs, and on disk rather than in memory, which matters for multi-GB checkpoints)."""
     if not is_remote(p):
         return open(p, "rb")
-    import io
-
-    return io.BytesIO(read_bytes(p))
+    bucket, key = _split_s3(p)
+    f = tempfile.TemporaryFile()
+    try:
+        with _s3_errors(p):
+            _s3_client().download_fileobj(bucket, key, f)
+    except BaseException:
+        f.close()
+        raise
+    f.seek(0)
+    return f
 
 
 @contextlib.contextmanager
