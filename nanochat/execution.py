@@ -16,7 +16,7 @@ Layers of containment, outermost first:
      cannot start programs or fork bombs even through ctypes;
    - Landlock: reads are limited to the Python installation and system library dirs, writes to the temp dir,
      TCP bind/connect is denied, and signals / abstract unix sockets cannot reach processes outside.
-   `sandbox_features()` reports which ones this machine applies.
+   `sandbox_features()` reports which ones this machine applies (`python -m nanochat.execution` prints them).
 4. A Python-level guard (like upstream's): destructive os/shutil/subprocess functions set to None, exit/quit/help
    removed, ctypes and a few modules made unimportable, and open()/os.open() refuse to write outside the temp dir
    or read other processes' /proc entries. This layer alone is easy to bypass; it exists for clear error messages
@@ -117,6 +117,7 @@ def _g_kernel_filters():
             allow(_g_root, fs_all)
             if libc.syscall(446, ctypes.c_int(rs), ctypes.c_uint32(0)) == 0:
                 _g_features.append("landlock")
+                _g_features.extend((["landlock-net"] if net else []) + (["landlock-scope"] if scoped else []))
             _gos.close(rs)
     # ---- seccomp: no fork/exec, clone only for threads ----
     arch = platform.machine()
@@ -285,7 +286,8 @@ def execute_code(code: str, timeout: float = 5.0,
 
 
 def sandbox_features() -> list[str]:
-    """Which kernel filters ('landlock', 'seccomp') this machine applies to execute_code children."""
+    """Kernel filters this machine applies to execute_code children: 'landlock' (filesystem), 'landlock-net' (TCP),
+    'landlock-scope' (signals, abstract sockets), 'seccomp' (no fork/exec)."""
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_") as root:
         root = os.path.realpath(root)
         rc, stdout, _ = _run(_build_program("", root, 5.0, DEFAULT_MEMORY_BYTES, report_features=True), root, 10.0)

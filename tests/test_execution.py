@@ -124,12 +124,12 @@ HOSTILE = [
     ("fileio_bypass", "import _io; _io.FileIO('{FILE}', 'w').write(b'pwned')", "landlock"),
     ("parent_environ_bypass", "import _io, os; print(_io.FileIO(f'/proc/{{os.getppid()}}/environ').read())",
      "landlock"),
-    ("read_etc", "import _io; print(_io.FileIO('/etc/hostname').read())", "landlock"),
+    ("read_etc", "import _io; print(_io.FileIO('/etc/passwd').read())", "landlock"),
     ("ctypes_system", "import sys\nfor m in ('ctypes', '_ctypes'): del sys.modules[m]\nimport ctypes\n"
                       "assert ctypes.CDLL(None).system(b'rm -rf {DIR}') == 0", "seccomp"),
     ("ctypes_kill", "import sys\nfor m in ('ctypes', '_ctypes'): del sys.modules[m]\nimport ctypes\n"
-                    "assert ctypes.CDLL(None).kill({PID}, 9) == 0", "landlock"),
-    ("tcp_connect", "import socket; socket.create_connection(('127.0.0.1', {PORT}), timeout=1)", "landlock"),
+                    "assert ctypes.CDLL(None).kill({PID}, 9) == 0", "landlock-scope"),
+    ("tcp_connect", "import socket; socket.create_connection(('127.0.0.1', {PORT}), timeout=1)", "landlock-net"),
 ]
 
 
