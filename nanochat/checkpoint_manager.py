@@ -80,12 +80,16 @@ def _save_torch(obj, path):
         torch.save(obj, f)
 
 
-def _load_torch(path, device):
+def load_torch(path, device):
+    """torch.load of one checkpoint file (local or S3) onto device."""
     # weights_only=True (torch's default): state dicts are tensors and plain Python containers/scalars.
     if storage.is_remote(path):
         with storage.open_read(path) as f:
             return torch.load(f, map_location=device)
     return torch.load(path, map_location=device)
+
+
+_load_torch = load_torch  # older private name, still used by callers
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
@@ -110,6 +114,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     if rank == 0:
         storage.write_bytes(meta_file, json.dumps(meta_data, indent=2).encode("utf-8"))
         logger.info(f"Saved metadata to: {meta_file}")
+        for name in storage.remove_stale_temp_files(checkpoint_dir):  # partial files of an earlier killed save
+            logger.info(f"Removed stale temp file {name}")
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +172,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
             f"Checkpoint step {step} is missing or incomplete in {checkpoint_dir} (complete steps: "
             f"{steps or 'none'}); pick one of those or create it with `{_creating_command(checkpoint_dir)}`"
         )
-    model_data = _load_torch(mpath, device)
+    model_data = load_torch(mpath, device)
     optimizer_data = None
     if load_optimizer:
         opath = optim_path(checkpoint_dir, step, rank)
@@ -176,7 +182,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
                 f"Optimizer shard {opath} is missing (found: {_found(shards)}); optimizer state is sharded per "
                 "rank, so resume with the same number of workers that saved it"
             )
-        optimizer_data = _load_torch(opath, device)
+        optimizer_data = load_torch(opath, device)
     meta_data = json.loads(storage.read_bytes(jpath).decode("utf-8"))
     return model_data, optimizer_data, meta_data
 
@@ -287,4 +293,4 @@ def load_optimizer_state(source, device, rank, model_tag=None, step=None):
         log0(f"Optimizer checkpoint not found: {path}")
         return None
     log0(f"Loading optimizer state from {path}")
-    return _load_torch(path, device)
+    return load_torch(path, device)

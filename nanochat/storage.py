@@ -13,8 +13,10 @@ import contextlib
 import functools
 import os
 import posixpath
+import re
 import shutil
 import tempfile
+import time
 import uuid
 
 from nanochat.common import NanochatError
@@ -285,6 +287,23 @@ def atomic_writer(p):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
     _fsync_dir(directory)
+
+
+def remove_stale_temp_files(directory, older_than_s=600):
+    """Delete temp files that atomic_writer left behind in a local directory when a process was killed mid-write
+    (they can be checkpoint-sized). Only files older than older_than_s, so writes in progress are never touched.
+    S3 needs nothing: an interrupted upload never becomes an object. Returns the names removed."""
+    if is_remote(directory) or not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if re.fullmatch(r"\..+\.tmp-\d+-[0-9a-f]{8}", name):
+            with contextlib.suppress(OSError):
+                if time.time() - os.path.getmtime(path) > older_than_s:
+                    os.remove(path)
+                    removed.append(name)
+    return removed
 
 
 def _fsync_dir(directory):
