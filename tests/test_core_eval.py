@@ -29,6 +29,16 @@ from nanochat.core_eval import (
 from nanochat.loss_eval import evaluate_bpb
 from tests.eval_fixtures import ByteTokenizer, FixtureServer, load_fixture_builder, make_tiny_checkpoint
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # tiny models on a shared 2-core machine: more threads only contend
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # -----------------------------------------------------------------------------
 # Rendering: exact strings
 
