@@ -14,9 +14,12 @@ Usage in a test module (one server per module keeps the suite fast):
         uri = s3.uri("runs/a")          # "s3://<bucket>/runs/a"
 
 `server.env` is the same settings as a dict, e.g. for `ray.init(runtime_env={"env_vars": server.env})` so that Ray
-workers see them too. `stop()` ends only the subprocess this object started.
+workers see them too. `stop()` ends only the subprocess this object started. `S3Server(auth=True)` makes moto check
+credentials after creating the bucket, so every request with the test keys is refused (InvalidAccessKeyId): use it
+to test bad-credential errors.
 """
 
+import os
 import socket
 import subprocess
 import sys
@@ -34,8 +37,9 @@ def _free_port():
 class S3Server:
     """moto S3 server subprocess plus one freshly created bucket."""
 
-    def __init__(self, bucket=None, region="us-east-1", startup_timeout=30.0):
+    def __init__(self, bucket=None, region="us-east-1", startup_timeout=30.0, auth=False):
         self.bucket = bucket or f"nanochat-test-{uuid.uuid4().hex[:12]}"
+        self.auth = auth
         self.region = region
         self.startup_timeout = startup_timeout
         self.proc = None
@@ -80,8 +84,12 @@ class S3Server:
     def start(self):
         for _attempt in range(3):
             self.port = _free_port()
+            env = dict(os.environ)
+            if self.auth:
+                env["INITIAL_NO_AUTH_ACTION_COUNT"] = "1"  # only create_bucket below goes unchecked
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

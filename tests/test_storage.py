@@ -153,6 +153,17 @@ def test_open_read_and_download(root, tmp_path):
         storage.open_read(storage.join(root, "missing.bin"))
 
 
+def test_bad_credentials_are_clear(monkeypatch):
+    with S3Server(auth=True) as strict:  # moto checks keys: the test keys are unknown to it
+        strict.apply_env(monkeypatch)
+        t0 = time.monotonic()
+        with pytest.raises(NanochatError, match="refused access.*AWS_ACCESS_KEY_ID"):
+            storage.check_writable(strict.uri("x"))
+        with pytest.raises(NanochatError, match="InvalidAccessKeyId"):
+            storage.read_bytes(strict.uri("x/model_000001.pt"))
+        assert time.monotonic() - t0 < 10
+
+
 def test_cli_reports_error_without_traceback(s3):
     env = {**os.environ, **s3.env}
     bad = subprocess.run([sys.executable, "-m", "nanochat.storage", "s3://no-such-bucket-nanochat/x"], cwd=REPO,
