@@ -321,3 +321,21 @@ def test_our_checkpoint_of_a_real_model_round_trips(root, tmp_path, monkeypatch)
     _assert_state_equal(loaded.state_dict(), model.state_dict())
     ids = torch.load(os.path.join(FIXTURE, "expected_logits.pt"))["ids"]
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_upstream_fixture_loads_on_cuda(tmp_path, monkeypatch):
+    # On CUDA the bf16 embeddings are not upcast (as upstream); logits match the CPU reference loosely.
+    shutil.copytree(FIXTURE, tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    expected = torch.load(os.path.join(FIXTURE, "expected_logits.pt"))
+    model, _, _ = cm.load_model("base", torch.device("cuda"), phase="eval")
+    assert all(p.is_cuda for p in model.parameters())
+    got = _logits(model, expected["ids"].cuda()).cpu()
+    torch.testing.assert_close(got, expected["base"], rtol=0, atol=5e-2)
+    # Saving from CUDA and loading back on CPU gives the same weights.
+    cm.save_checkpoint(str(tmp_path / "again" / "d2"), 1, model.state_dict(), None, {"model_config": {}})
+    sd, _, _ = cm.load_checkpoint(str(tmp_path / "again" / "d2"), 1, "cpu")
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[k], v.cpu()), k
