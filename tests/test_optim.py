@@ -10,13 +10,15 @@ import os
 import subprocess
 import sys
 
-import _optim_dist_worker as W
 import pytest
 import torch
 
-import nanochat.optim as optim_module
-from nanochat.common import NanochatError
-from nanochat.optim import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the worker module, whatever pytest's import mode
+import _optim_dist_worker as W  # noqa: E402
+
+import nanochat.optim as optim_module  # noqa: E402
+from nanochat.common import NanochatError  # noqa: E402
+from nanochat.optim import (  # noqa: E402
     MuonAdamW,
     gather_full_optimizer_state,
     load_resharded_state_dict,
@@ -29,6 +31,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def fixture():
     return torch.load(W.FIXTURE)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_compute(monkeypatch):
+    # The golden runs used COMPUTE_DTYPE = float32 (the bf16 test switches it on purpose).
+    monkeypatch.setattr(optim_module, "COMPUTE_DTYPE", torch.float32)
 
 
 def assert_state_dicts_close(ours: dict, theirs: dict, atol=1e-6, rtol=1e-5):
