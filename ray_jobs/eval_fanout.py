@@ -178,7 +178,6 @@ def _run_chat(unit, model, tokenizer, device, progress):
 
 def _run_bpb(unit, model, tokenizer, device, progress):
     from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
-
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes
 
@@ -266,13 +265,14 @@ def _run_unit_remote(ref: ModelRef, unit: Unit, env: dict, progress_actor) -> di
 
 @ray.remote(num_cpus=0)
 class ProgressActor:
-    """Latest (done, total, pid) per unit key, written by workers and polled by the driver."""
+    """Latest (done, total) per unit key and every worker pid that ran it (a retry adds a pid)."""
 
     def __init__(self):
         self.state = {}
 
     def update(self, key, done, total, pid):
-        self.state[key] = (done, total, pid)
+        pids = self.state.get(key, (0, 0, []))[2]
+        self.state[key] = (done, total, pids if pid in pids else [*pids, pid])
 
     def snapshot(self):
         return dict(self.state)
@@ -331,7 +331,7 @@ def run_units(
     """Evaluate units as Ray tasks with at most num_workers in flight (0 = as many as resources allow).
 
     Returns results aligned with units. `on_progress(snapshot)` is called on every poll with
-    {unit key: (done, total, worker pid)} (the tests use it to kill a worker mid-evaluation).
+    {unit key: (done, total, [worker pids])}; a unit whose worker died and was retried shows two pids.
     """
     actor = ProgressActor.remote()
     env, opts = forwarded_env(), _remote_options(cpus_per_worker, gpus_per_worker, max_retries)
@@ -466,14 +466,16 @@ def launch_core_async(
 
 def launch_chatcore_async(
     ref: ModelRef, max_cat: int = -1, max_sample: int = 24, batch_size: int = 8, shards_per_task: int = 1,
-    cpus_per_worker: float = 1, gpus_per_worker: float = 0, max_retries: int = 3,
+    cpus_per_worker: float = 1, gpus_per_worker: float = 0, max_retries: int = 3, max_new_tokens: int = 512,
 ) -> EvalHandle:  # fmt: skip
     """SFT's in-loop ChatCORE (all five tasks; -1 = no limit) as Ray tasks; returns immediately."""
     from nanochat.chat_eval import ALL_TASKS, CATEGORICAL_TASKS, centered_mean
 
     limits = {t: (max_cat if t in CATEGORICAL_TASKS else max_sample) for t in ALL_TASKS}
     limits = {t: (None if v < 0 else v) for t, v in limits.items()}
-    units = chat_units(ALL_TASKS, shards_per_task, batch_size=batch_size, max_problems_by_task=limits)
+    units = chat_units(
+        ALL_TASKS, shards_per_task, batch_size=batch_size, max_new_tokens=max_new_tokens, max_problems_by_task=limits
+    )
 
     def merge(results):
         acc = merge_chat(units, results)

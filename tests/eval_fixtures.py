@@ -1,14 +1,14 @@
-"""Helpers shared by the evaluation tests (not a test module): a loopback HTTP server with fault injection,
-the eval fixtures of dev/make_eval_fixtures.py, a byte-level tokenizer, and a tiny real checkpoint."""
+"""Helpers shared by the evaluation tests (not a test module): the fixtures of dev/make_eval_fixtures.py served by
+tests.httpserver on loopback, a byte-level tokenizer, and a tiny real checkpoint."""
 
 import dataclasses
-import http.server
 import importlib.util
 import os
-import threading
 from pathlib import Path
 
 import torch
+
+from tests.httpserver import FileServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,67 +20,19 @@ def load_fixture_builder():
     return module
 
 
-class FixtureServer:
-    """Serves a directory on 127.0.0.1:<free port>. `faults[url_path]` is a list of actions applied to the next
-    requests of that path, one per request: "500" (HTTP error), "truncate" (half the body, full Content-Length),
-    "corrupt" (bytes flipped mid-file, same length). `requests` logs every path served."""
-
-    def __init__(self, root):
-        self.root = str(root)
-        self.faults: dict[str, list[str]] = {}
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = self.path.split("?")[0]
-                server.requests.append(path)
-                action = server.faults.get(path, []).pop(0) if server.faults.get(path) else None
-                file = os.path.join(server.root, path.lstrip("/"))
-                if action == "500" or not os.path.isfile(file):
-                    self.send_error(500 if action == "500" else 404)
-                    return
-                with open(file, "rb") as f:
-                    body = f.read()
-                if action == "corrupt":
-                    mid = len(body) // 2
-                    body = body[:mid] + bytes(b ^ 0xFF for b in body[mid : mid + 64]) + body[mid + 64 :]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if action == "truncate" else body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def serve_fixtures(root):
-    """Build the fixtures under root and return a started FixtureServer (caller must __exit__ it)."""
-    server = FixtureServer(root).__enter__()
-    load_fixture_builder().build(str(root), server.url)
+def serve_fixtures(root) -> FileServer:
+    """Build the fixtures under root and serve them on loopback (tests.httpserver); caller stops the server."""
+    server = FileServer(root).start()
+    load_fixture_builder().build(str(root), server.base_url)
     return server
 
 
-def fixture_env(server) -> dict[str, str]:
+def fixture_env(server: FileServer) -> dict[str, str]:
+    """Point every evaluation download at the fixture server."""
     return {
-        "NANOCHAT_EVAL_BUNDLE_URL": f"{server.url}/eval_bundle.zip",
-        "NANOCHAT_TASK_DATA_URL": server.url,
-        "NANOCHAT_WORD_LIST_URL": f"{server.url}/words_alpha.txt",
+        "NANOCHAT_EVAL_BUNDLE_URL": server.url("eval_bundle.zip"),
+        "NANOCHAT_TASK_DATA_URL": server.base_url,
+        "NANOCHAT_WORD_LIST_URL": server.url("words_alpha.txt"),
     }
 
 

@@ -27,7 +27,7 @@ from nanochat.core_eval import (
     render_prompts_schema,
 )
 from nanochat.loss_eval import evaluate_bpb
-from tests.eval_fixtures import ByteTokenizer, FixtureServer, load_fixture_builder, make_tiny_checkpoint
+from tests.eval_fixtures import ByteTokenizer, fixture_env, make_tiny_checkpoint, serve_fixtures
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -242,11 +242,10 @@ def test_bpb_by_hand():
 
 @pytest.fixture
 def bundle_server(tmp_path, base_dir, monkeypatch):
-    root = tmp_path / "served"
-    with FixtureServer(root) as server:
-        load_fixture_builder().build(str(root), server.url)
-        monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"{server.url}/eval_bundle.zip")
-        yield server
+    server = serve_fixtures(tmp_path / "served")
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", fixture_env(server)["NANOCHAT_EVAL_BUNDLE_URL"])
+    yield server
+    server.stop()
 
 
 def test_bundle_downloaded_once_and_placed(bundle_server, base_dir):
@@ -254,30 +253,37 @@ def test_bundle_downloaded_once_and_placed(bundle_server, base_dir):
     assert path == os.path.join(base_dir, "eval_bundle")
     assert len(core_eval.load_core_tasks(path)) == 5
     assert core_eval.ensure_eval_bundle() == path
-    assert bundle_server.requests == ["/eval_bundle.zip"]
+    assert bundle_server.requests["eval_bundle.zip"] == 1
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "truncate", "500"])
+@pytest.mark.parametrize("fault", ["garbage", "truncate", "500"])
 def test_bad_download_is_retried_not_used(bundle_server, base_dir, fault):
-    bundle_server.faults["/eval_bundle.zip"] = [fault]
+    bundle_server.fail("eval_bundle.zip", fault)
     path = core_eval.ensure_eval_bundle()
     assert core_eval._bundle_problem(path) is None
-    assert bundle_server.requests == ["/eval_bundle.zip"] * 2
+    assert bundle_server.requests["eval_bundle.zip"] == 2
 
 
-def test_corrupt_cached_zip_and_half_extracted_dir_are_replaced(bundle_server, base_dir):
-    (base_dir / "eval_bundle.zip").write_bytes(b"PK\x03\x04 not really a zip")
+@pytest.mark.parametrize("damage", ["crc", "not_a_zip"])
+def test_corrupt_cached_zip_and_half_extracted_dir_are_replaced(bundle_server, base_dir, tmp_path, damage):
+    good = (tmp_path / "served" / "eval_bundle.zip").read_bytes()
+    if damage == "crc":  # a zip whose directory is intact but whose member data is flipped
+        mid = len(good) // 2
+        bad = good[:mid] + bytes(b ^ 0xFF for b in good[mid : mid + 64]) + good[mid + 64 :]
+    else:
+        bad = b"PK\x03\x04 not really a zip"
+    (base_dir / "eval_bundle.zip").write_bytes(bad)
     (base_dir / "eval_bundle").mkdir()
     (base_dir / "eval_bundle" / "core.yaml").write_text("icl_tasks: []\n")  # no eval_meta_data.csv
     path = core_eval.ensure_eval_bundle()
     assert core_eval._bundle_problem(path) is None and len(core_eval.load_core_tasks(path)) == 5
     with zipfile.ZipFile(base_dir / "eval_bundle.zip") as zf:
         assert zf.testzip() is None
-    assert bundle_server.requests == ["/eval_bundle.zip"]
+    assert bundle_server.requests["eval_bundle.zip"] == 1
 
 
 def test_always_corrupt_bundle_is_an_error(bundle_server, base_dir):
-    bundle_server.faults["/eval_bundle.zip"] = ["corrupt"] * 5
+    bundle_server.fail("eval_bundle.zip", "garbage*")
     with pytest.raises(NanochatError, match="NANOCHAT_EVAL_BUNDLE_URL"):
         core_eval.ensure_eval_bundle(attempts=3)
     assert not (base_dir / "eval_bundle").exists()

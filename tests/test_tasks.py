@@ -13,7 +13,7 @@ import pytest
 
 from nanochat.common import NanochatError
 from nanochat.tasks.common import HubDataset, Task, TaskMixture, TaskSequence, load_hub_dataset, render_mc
-from tests.eval_fixtures import FixtureServer, load_fixture_builder
+from tests.eval_fixtures import serve_fixtures
 
 
 class ToyTask(Task):
@@ -76,17 +76,17 @@ def test_render_mc_exact():
 @pytest.fixture
 def hub(tmp_path, base_dir, monkeypatch):
     root = tmp_path / "served"
-    with FixtureServer(root) as server:
-        load_fixture_builder().build(str(root), server.url)
-        monkeypatch.setenv("NANOCHAT_TASK_DATA_URL", server.url)
-        monkeypatch.setenv("NANOCHAT_WORD_LIST_URL", f"{server.url}/words_alpha.txt")
-        monkeypatch.delenv("NANOCHAT_TASK_DATA_DIR", raising=False)
-        server.root_path = root
-        yield server
+    server = serve_fixtures(root)
+    monkeypatch.setenv("NANOCHAT_TASK_DATA_URL", server.base_url)
+    monkeypatch.setenv("NANOCHAT_WORD_LIST_URL", server.url("words_alpha.txt"))
+    monkeypatch.delenv("NANOCHAT_TASK_DATA_DIR", raising=False)
+    server.root_path = root
+    yield server
+    server.stop()
 
 
-LISTING = "/api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test"
-SHARDS = ["/files/allenai/ai2_arc/ARC-Easy/test/0000.parquet", "/files/allenai/ai2_arc/ARC-Easy/test/0001.parquet"]
+LISTING = "api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test"
+SHARDS = ["files/allenai/ai2_arc/ARC-Easy/test/0000.parquet", "files/allenai/ai2_arc/ARC-Easy/test/0001.parquet"]
 
 
 def test_download_manifest_and_cache(hub, base_dir):
@@ -95,20 +95,21 @@ def test_download_manifest_and_cache(hub, base_dir):
     shards_dir = base_dir / "task_data" / "allenai--ai2_arc" / "ARC-Easy" / "test"
     assert json.loads((shards_dir / "manifest.json").read_text()) == ["00000.parquet", "00001.parquet"]
     assert (shards_dir / "manifest.json.lock").exists()
-    assert hub.requests == [LISTING, *SHARDS]
+    assert dict(hub.requests) == {LISTING: 1, SHARDS[0]: 1, SHARDS[1]: 1}
     assert len(load_hub_dataset("allenai/ai2_arc", "ARC-Easy", "test")) == 24
-    assert len(hub.requests) == 3  # second load: no network
+    assert sum(hub.requests.values()) == 3  # second load: no network
 
 
 def test_transient_errors_are_retried_and_bad_shards_never_cached(hub, base_dir):
-    hub.faults = {LISTING: ["500"], SHARDS[0]: ["truncate", "corrupt"]}
+    hub.fail(LISTING, "500")
+    hub.fail(SHARDS[0], "truncate", "garbage")
     ds = load_hub_dataset("allenai/ai2_arc", "ARC-Easy", "test")
     assert len(ds) == 24
-    assert hub.requests.count(SHARDS[0]) == 3 and hub.requests.count(LISTING) == 2
+    assert hub.requests[SHARDS[0]] == 3 and hub.requests[LISTING] == 2
 
 
 def test_persistent_failure_is_a_clear_error(hub, base_dir):
-    hub.faults = {LISTING: ["500"] * 10}
+    hub.fail(LISTING, "500*")
     with pytest.raises(NanochatError, match="NANOCHAT_TASK_DATA_DIR"):
         load_hub_dataset("allenai/ai2_arc", "ARC-Easy", "test")
     assert not (base_dir / "task_data" / "allenai--ai2_arc" / "ARC-Easy" / "test" / "manifest.json").exists()
@@ -117,7 +118,7 @@ def test_persistent_failure_is_a_clear_error(hub, base_dir):
 def test_offline_task_data_dir(hub, monkeypatch):
     monkeypatch.setenv("NANOCHAT_TASK_DATA_DIR", str(hub.root_path / "task_data"))
     assert len(load_hub_dataset("cais/mmlu", "all", "test")) == 16
-    assert hub.requests == []
+    assert sum(hub.requests.values()) == 0
     with pytest.raises(NanochatError, match="manifest.json not found"):
         load_hub_dataset("cais/mmlu", "all", "validation")
 
