@@ -99,7 +99,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
-_CHUNKS_PER_THREAD = 4  # a few chunks per thread evens out documents of very different lengths
+_CHUNKS_PER_THREAD = 2  # >1 evens out documents of very different lengths; fewer futures cost less CPU
 
 
 def _thread_pool(num_threads: int) -> ThreadPoolExecutor:
