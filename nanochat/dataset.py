@@ -361,9 +361,14 @@ def _check_source(data_dir, source_id):
             "the wrong file the val shard: point NANOCHAT_BASE_DIR (or --data-dir) at another directory, or delete "
             "this one."
         )
-    with open(marker + ".tmp", "w") as f:
+    return source_id
+
+
+def _mark_source(data_dir, source_id):
+    marker = os.path.join(data_dir, SOURCE_FILE)
+    with open(f"{marker}.tmp-{os.getpid()}", "w") as f:
         f.write(source_id + "\n")
-    os.replace(marker + ".tmp", marker)
+    os.replace(f"{marker}.tmp-{os.getpid()}", marker)
 
 
 def _shard_names(num_files, val_shard):
@@ -384,51 +389,58 @@ def download(source=None, num_files=-1, num_workers=4, data_dir=None, val_shard=
              **fetch_kwargs):
     """Populate data_dir from source. Returns (ok_paths, failures dict, wanted count). See the module docstring."""
     data_dir = data_dir or get_data_dir()
+    source_id, ok, failed, wanted = _download(source or "hf", num_files, num_workers, data_dir, val_shard, progress,
+                                              **fetch_kwargs)
+    if ok:
+        _mark_source(data_dir, source_id)
+    return ok, failed, wanted
+
+
+def _download(source, num_files, num_workers, data_dir, val_shard, progress, **fetch_kwargs):
     if storage.is_remote(data_dir):
         raise NanochatError(
             f"the data dir {data_dir} is on S3: download shards to a local dir and upload them with your S3 tool, "
             "or set NANOCHAT_BASE_DIR to a local path for this step"
         )
     os.makedirs(data_dir, exist_ok=True)
-    source = source or "hf"
     if source == "hf" or source.startswith(("http://", "https://")):
         base = BASE_URL if source == "hf" else source.rstrip("/")
-        _check_source(data_dir, source)
+        sid = _check_source(data_dir, source)
         names = _shard_names(num_files, val_shard)
         print(f"Downloading {len(names)} shards using {num_workers} workers...")
         print(f"Target directory: {data_dir}")
         ok, failed = fetch_shards([(f"{base}/{n}", n) for n in names], data_dir, num_workers, progress=progress,
                                   **fetch_kwargs)
-        return ok, failed, len(names)
+        return sid, ok, failed, len(names)
     if source.startswith("s3://"):
-        _check_source(data_dir, source)
+        sid = _check_source(data_dir, source)
         names = _listed_shards(storage.listdir(source), num_files, source)
         print(f"Copying {len(names)} shards from {source} using {num_workers} workers...")
         ok, failed = fetch_shards([(storage.join(source, n), n) for n in names], data_dir, num_workers,
                                   fetch=_s3_fetch, progress=progress, **fetch_kwargs)
-        return ok, failed, len(names)
+        return sid, ok, failed, len(names)
     if source == "sample":
         from nanochat import sample_corpus
 
-        _check_source(data_dir, f"sample:{sample_corpus.python_tag()}")
+        sid = _check_source(data_dir, f"sample:{sample_corpus.python_tag()}")
         with FileLock(os.path.join(data_dir, ".sample.lock")):
             docs = sample_corpus.build_documents()
             ok = write_shards(docs, data_dir, num_train_shards=num_files, docs_per_shard=4 * ROW_GROUP_SIZE)
         print(f"Sample corpus: {len(docs)} documents, {sum(len(d) for d in docs) / 1e6:.1f}M characters")
-        return ok, {}, len(ok)
+        return sid, ok, {}, len(ok)
     if os.path.isdir(source):
         src = os.path.abspath(source)
-        _check_source(data_dir, f"local:{src}")
+        sid = _check_source(data_dir, f"local:{src}")
         listing = sorted(os.listdir(src))
         if any(n.startswith("shard_") and n.endswith(".parquet") for n in listing):
             names = _listed_shards(listing, num_files, src)
             ok, failed = fetch_shards([(os.path.join(src, n), n) for n in names], data_dir, num_workers,
                                       fetch=lambda s, tmp, _t: shutil.copyfile(s, tmp), progress=progress,
                                       **fetch_kwargs)
-            return ok, failed, len(names)
+            return sid, ok, failed, len(names)
         with FileLock(os.path.join(data_dir, ".local.lock")):
             ok = write_shards(read_local_documents(src), data_dir, num_train_shards=num_files)
-        return ok, {}, len(ok)
+        return sid, ok, {}, len(ok)
     raise NanochatError(
         f"unknown --source {source!r}: use 'hf' (default), 'sample', an http(s):// base URL, an s3:// prefix, "
         "or an existing local directory"
