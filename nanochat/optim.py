@@ -227,7 +227,7 @@ def _probe_native(rank: int, world: int) -> bool:
         return forced == "native"
     if forced:
         raise NanochatError(f"NANOCHAT_OPTIM_COMM={forced!r}: use 'native' or 'fallback' (or unset it)")
-    if dist.get_backend() == "nccl":
+    if "nccl" in str(dist.get_backend()):  # also "cpu:gloo,cuda:nccl" groups
         return True
     reduce_scatter, all_gather = _native_fns()
     try:
