@@ -124,7 +124,10 @@ def train_on_ray(cfg: TokTrainConfig) -> tuple[RustBPETokenizer, dict]:
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init()  # connects to RAY_ADDRESS when set, else starts a local cluster
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()  # connect to the cluster
+        else:
+            ray.init(include_dashboard=False)  # a throwaway local cluster for one task needs no dashboard
     options: dict = {"num_cpus": cfg.num_cpus, "max_retries": 0}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["NANOCHAT_BASE_DIR"] = get_base_dir()  # the driver's resolved base dir, default included
