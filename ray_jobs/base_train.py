@@ -50,11 +50,9 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
 
 def worker_fn(config: dict, sink_cls=tc.RaySink) -> None:
     """Runs in every Ray Train worker: the library loop with a RaySink, then one final report (all ranks)."""
-    import ray.train
-
     cfg = BaseTrainConfig.from_dict(config["cfg"])
-    result = train(cfg, sink_cls(config["run_name"], config["report_every"]))
-    ray.train.report(tc._plain({"final": True, **result}))
+    sink = sink_cls(config["run_name"], config["report_every"])
+    sink.report_final(train(cfg, sink))
 
 
 def main(argv=None) -> int:

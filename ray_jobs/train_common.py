@@ -207,10 +207,17 @@ class RaySink(TrainSink):
         pass  # eval metrics ride along with the next step / checkpoint report (report is a barrier)
 
     def on_checkpoint(self, step: int, checkpoint_dir: str, metrics: dict) -> None:
+        self._report_pointer(step, checkpoint_dir, metrics, f"step_{step:06d}")
+
+    def report_final(self, result: dict) -> None:
+        """The run's summary, attached to a pointer to its final checkpoint (Result.metrics = this report)."""
+        metrics = {"final": True, **result}
+        self._report_pointer(result["step"], result["checkpoint_dir"], metrics, f"final_{result['step']:06d}")
+
+    def _report_pointer(self, step: int, checkpoint_dir: str, metrics: dict, name: str) -> None:
         from ray.train import Checkpoint
 
-        name = f"step_{step:06d}"
-        if self.rank != 0:
+        if self.rank != 0:  # every rank reports (a barrier); only rank 0 attaches the pointer
             self.ray_train.report(_plain(metrics), checkpoint=None, checkpoint_dir_name=name)
             return
         with tempfile.TemporaryDirectory() as tmp:
