@@ -155,7 +155,7 @@ def _greedy_alone(model, prompt, n):
 def test_rows_at_different_positions_match_each_alone(model):
     """Continuous batching: prompts of different lengths share one cache; a finished row's slot is reused."""
     cfg = model.config
-    prompts = [[BOS] + TOK.encode("Short prompt."), [BOS] + TOK.encode("A noticeably longer prompt " * 3),
+    prompts = [[BOS] + TOK.encode("Short prompt."), [BOS] + TOK.encode("A noticeably longer prompt " * 5),
                [BOS] + TOK.encode("A third request arrives later.")]
     steps = [12, 30, 14]
     alone = [_greedy_alone(model, p, n) for p, n in zip(prompts, steps)]

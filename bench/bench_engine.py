@@ -1,0 +1,188 @@
+"""
+Engine decode throughput: our Engine + GPT vs upstream nanochat's, same random weights, same prompt.
+
+    python bench/bench_engine.py                                   # ours only
+    python bench/bench_engine.py --upstream /tmp/upstream          # side by side with an upstream checkout
+
+Each engine runs in its own fresh subprocess (the two packages are both called `nanochat`), alternating for
+--rounds rounds; the best round per batch size is kept (the machine may be shared). Decoding is greedy, and the
+tokenizer's special ids lie outside the vocabulary, so no row stops early and both engines do the same work.
+Per batch size: TTFT (prefill + first token), TPOT (median decode step) and decode tok/s = B * steps / decode time.
+Prints a table, then one JSON object as the last line.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def model_config(args):
+    # base_train's depth -> shape rule: model_dim = ceil(depth * 64 / 128) * 128, head_dim 128
+    dim = math.ceil(args.depth * 64 / 128) * 128
+    return dict(sequence_len=args.sequence_len, vocab_size=args.vocab_size, n_layer=args.depth,
+                n_head=dim // 128, n_kv_head=dim // 128, n_embd=dim, window_pattern=args.window_pattern)
+
+
+class BenchTokenizer:
+    """Special tokens live past the vocabulary, so the model can never emit them (no early stops, no tool calls)."""
+
+    def __init__(self, vocab_size):
+        self.base = vocab_size
+
+    def encode_special(self, s):
+        names = ["<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
+                 "<|output_end|>"]
+        return self.base + names.index(s)
+
+    def get_bos_token_id(self):
+        return self.base
+
+    def encode(self, s):
+        return [ord(c) % self.base for c in s]
+
+    def decode(self, ids):
+        return ""
+
+
+def worker(args):
+    """Build one engine (ours or upstream's) and time it; prints a JSON line."""
+    # both packages are called `nanochat`: put the one we want first on the path
+    root = os.path.abspath(args.upstream) if args.worker == "upstream" else os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    import torch  # noqa: I001 (after the sys.path choice on purpose)
+    import nanochat.engine as engine_mod
+    import nanochat.gpt as gpt_mod
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with torch.device("meta"):
+        model = gpt_mod.GPT(gpt_mod.GPTConfig(**model_config(args)))
+    model.to_empty(device=device)
+    model.init_weights()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # same seeded weights for both engines (init zeroes projections; random is fairer)
+        for name, p in sorted(model.named_parameters()):
+            std = (1.0 if "wte" in name or "value_embeds" in name else p.shape[-1] ** -0.5) if p.ndim >= 2 else 0.1
+            p.copy_((torch.randn(p.shape, generator=g) * std + (0.5 if p.ndim < 2 else 0.0)).to(p.dtype))
+    model.eval()
+    tok = BenchTokenizer(args.vocab_size)
+    prompt = [(7 * i + 3) % args.vocab_size for i in range(args.prompt_len)]
+    engine = engine_mod.Engine(model, tok)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(batch, steps):
+        sync()
+        t0 = time.perf_counter()
+        times, first_row = [], []
+        for col, _ in engine.generate(prompt, num_samples=batch, max_tokens=steps, temperature=0.0):
+            sync()
+            t = time.perf_counter()
+            times.append(t - t0)
+            t0 = t
+            first_row.append(col[0])
+        return times[0], times[1:], first_row
+
+    out = {"engine": args.worker, "sweep": []}
+    for batch in args.batch_sizes:
+        timed(batch, 8)  # warmup
+        best = None
+        for _ in range(args.repeats):
+            ttft, steps, first_row = timed(batch, args.decode_tokens)
+            tok_s = batch * len(steps) / sum(steps)
+            if best is None or tok_s > best["tok_per_sec"]:
+                best = {"batch_size": batch, "ttft_sec": ttft, "tpot_sec": statistics.median(steps),
+                        "tok_per_sec": tok_s, "decode_steps": len(steps)}
+        out["sweep"].append(best)
+        out.setdefault("tokens", first_row)
+    assert os.path.abspath(engine_mod.__file__).startswith(root), engine_mod.__file__
+    print(json.dumps(out))
+
+
+def run_worker(args, which):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", which] + args.passthrough
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env={**os.environ, "NANOCHAT_DTYPE": args.dtype})
+    if res.returncode != 0:
+        raise SystemExit(f"{which} worker failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upstream", default=None, help="unpacked upstream nanochat checkout to compare against")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--sequence-len", type=int, default=2048)
+    parser.add_argument("--window-pattern", default="L")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size per round (best kept)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating ours/upstream rounds (best kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="NANOCHAT_DTYPE for both engines")
+    parser.add_argument("--worker", choices=["ours", "upstream"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.upstream and not os.path.isfile(os.path.join(args.upstream, "nanochat", "engine.py")):
+        raise SystemExit(f"--upstream {args.upstream}: no nanochat/engine.py there (unpack upstream 92d63d4)")
+    if args.worker:
+        return worker(args)
+    args.passthrough = sys.argv[1:]
+
+    engines = ["ours"] + (["upstream"] if args.upstream else [])
+    best = {e: {} for e in engines}
+    tokens = {}
+    for _ in range(args.rounds):
+        for e in engines:
+            res = run_worker(args, e)
+            tokens[e] = res["tokens"]
+            for row in res["sweep"]:
+                b = row["batch_size"]
+                if b not in best[e] or row["tok_per_sec"] > best[e][b]["tok_per_sec"]:
+                    best[e][b] = row
+
+    cfg = model_config(args)
+    print(f"Engine decode benchmark: depth {args.depth} (dim {cfg['n_embd']}, vocab {args.vocab_size}), "
+          f"prompt {args.prompt_len}, {args.decode_tokens} greedy tokens, {args.device}, {args.dtype}, "
+          f"{args.threads} thread(s), best of {args.rounds}x{args.repeats}")
+    header = f"{'batch':>5} | {'engine':>8} | {'TTFT ms':>8} | {'TPOT ms':>8} | {'tok/s':>9} | {'ours/upstream':>13}"
+    print(header)
+    print("-" * len(header))
+    sweep = []
+    for b in args.batch_sizes:
+        entry = {"batch_size": b}
+        for e in engines:
+            r = best[e][b]
+            entry[e] = r
+            ratio = ""
+            if e == "upstream":
+                entry["ratio"] = best["ours"][b]["tok_per_sec"] / r["tok_per_sec"]
+                ratio = f"{entry['ratio']:.2f}x"
+            print(f"{b:>5} | {e:>8} | {r['ttft_sec'] * 1e3:>8.2f} | {r['tpot_sec'] * 1e3:>8.2f} | "
+                  f"{r['tok_per_sec']:>9.1f} | {ratio:>13}")
+        sweep.append(entry)
+    same = tokens.get("upstream") == tokens["ours"] if args.upstream else None
+    if args.upstream:
+        print(f"greedy tokens identical to upstream: {same}")
+    print(json.dumps({"benchmark": "engine_decode", "model_config": cfg, "device": args.device, "dtype": args.dtype,
+                      "threads": args.threads, "prompt_tokens": args.prompt_len, "decode_tokens": args.decode_tokens,
+                      "upstream": args.upstream, "tokens_match_upstream": same, "sweep": sweep}))
+
+
+def _cuda_available():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
