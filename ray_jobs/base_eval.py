@@ -40,7 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--bundle-url", type=str, default=None, help="eval_bundle.zip URL (default: upstream's)")
-    parser.add_argument("--max-shard-examples", type=int, default=0, help="split CORE tasks bigger than this")
+    parser.add_argument(
+        "--max-shard-examples", type=int, default=1000, help="CORE tasks with more examples are split (0 = never)"
+    )
     add_fanout_args(parser)
     args = parser.parse_args(argv)
     modes = {m.strip() for m in args.eval.split(",") if m.strip()}

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"])
     parser.add_argument("--task-data-url", type=str, default=None, help="Hub endpoint replacing https://huggingface.co")
     parser.add_argument("--task-data-dir", type=str, default=None, help="local task_data/ directory (offline)")
+    parser.add_argument(
+        "--max-shard-problems", type=int, default=1000, help="tasks with more problems are split (0 = never)"
+    )
     add_fanout_args(parser)
     return parser.parse_args(argv)
 
@@ -64,7 +67,7 @@ def main(argv=None) -> dict:
     units = chat_units(
         task_names, args.shards_per_task, max_problems=args.max_problems, batch_size=args.batch_size,
         num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k,
+        top_k=args.top_k, max_shard_problems=args.max_shard_problems,
     )  # fmt: skip
     results = merge_chat(units, execute(args, ref, units))
     for name, acc in results.items():

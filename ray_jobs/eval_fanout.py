@@ -345,15 +345,29 @@ def run_units(
                 pending[_run_unit_remote.options(**opts).remote(ref, unit, env, actor)] = i
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
             for r in ready:
-                results[pending.pop(r)] = ray.get(r)
+                results[pending.pop(r)] = _get_unwrapped(r)
             snapshot = ray.get(actor.snapshot.remote())
             bars.update(snapshot)
             if on_progress is not None:
                 on_progress(snapshot)
     finally:
+        for r in pending:
+            ray.cancel(r, force=True)
         bars.close()
         ray.kill(actor)
     return results
+
+
+def _get_unwrapped(ref):
+    """ray.get, re-raising a user-facing NanochatError from a worker as itself (its message names the fix)."""
+    from nanochat.common import NanochatError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, NanochatError):
+            raise e.cause from None
+        raise
 
 
 def run_units_local(ref_or_model, units: list[Unit], device=None) -> list[dict]:
@@ -372,7 +386,8 @@ class EvalHandle:
         return len(ready) == len(self.futures)
 
     def result(self, timeout: float | None = None):
-        return self.merge(ray.get(self.futures, timeout=timeout))
+        ray.wait(self.futures, num_returns=len(self.futures), timeout=timeout)
+        return self.merge([_get_unwrapped(f) for f in self.futures])
 
 
 def _launch(ref, units, merge, cpus_per_worker, gpus_per_worker, max_retries) -> EvalHandle:
