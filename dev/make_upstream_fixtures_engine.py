@@ -158,8 +158,8 @@ def run_cases(engine_cls, model, tok, cases, prompt):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("upstream", help="path to an unpacked upstream nanochat checkout (92d63d4)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
-                                                      "upstream_engine.json"))
+    parser.add_argument("--out", default=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                       "..", "tests", "fixtures", "upstream_engine.json")))
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.upstream, "nanochat", "engine.py")):
         raise SystemExit(f"{args.upstream} does not look like a nanochat checkout (no nanochat/engine.py)")
