@@ -437,25 +437,21 @@ def merge_core(units: list[Unit], results: list[dict], tasks: list[dict]) -> dic
 
 
 def chat_units(task_names, shards_per_task=1, max_problems=None, batch_size=8, num_samples=1,
-               max_new_tokens=512, temperature=0.0, top_k=50, max_problems_by_task=None) -> list[Unit]:  # fmt: skip
+               max_new_tokens=512, temperature=0.0, top_k=50, max_problems_by_task=None,
+               max_shard_problems=0) -> list[Unit]:  # fmt: skip
+    """Units of chat tasks. With max_shard_problems > 0 a task gets at least ceil(problems / max_shard_problems)
+    shards (the driver then loads the task once to count its problems)."""
+    from nanochat.chat_eval import make_task, num_problems
+
     units = []
     for name in task_names:
         mp = (max_problems_by_task or {}).get(name, max_problems)
-        for s in range(shards_per_task):
-            units.append(
-                make_unit(
-                    "chat",
-                    name,
-                    s,
-                    shards_per_task,
-                    max_problems=mp,
-                    batch_size=batch_size,
-                    num_samples=num_samples,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_k=top_k,
-                )  # fmt: skip
-            )
+        shards = shards_per_task
+        if max_shard_problems > 0:
+            shards = max(shards, math.ceil(num_problems(make_task(name), mp) / max_shard_problems))
+        params = dict(max_problems=mp, batch_size=batch_size, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_k=top_k)  # fmt: skip
+        units += [make_unit("chat", name, s, shards, **params) for s in range(shards)]
     return units
 
 

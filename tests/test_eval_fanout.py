@@ -53,8 +53,11 @@ CHAT = dict(max_problems=6, batch_size=4, max_new_tokens=12)
 
 
 def _units():
-    core, tasks = fan.core_units(max_per_task=8, shards_per_task=2)
-    chat = fan.chat_units(["ARC-Easy", "MMLU", "GSM8K", "HumanEval"], shards_per_task=2, **CHAT)
+    # size-based sharding on top of 2 shards per task: 8 CORE rows / 3 -> 3 shards; 6 problems / 2 -> 3 shards
+    # (categorical tasks then have an empty third shard: 2 batches of 4)
+    core, tasks = fan.core_units(max_per_task=8, shards_per_task=2, max_shard_examples=3)
+    chat = fan.chat_units(["ARC-Easy", "MMLU", "GSM8K", "HumanEval"], shards_per_task=2, max_shard_problems=2, **CHAT)
+    assert {u.num_shards for u in core + chat} == {3}
     return core + chat, tasks
 
 
@@ -85,7 +88,8 @@ def test_two_workers_equal_sequential(env, sequential):
     assert _merged(units, results, tasks) == sequential
     assert _merged(units, fan.run_units_local(ref, units), tasks) == sequential  # shards in-process, too
     assert set(seen) == {u.key for u in units}
-    assert all(done == total > 0 for done, total, _ in seen.values())  # every unit reported full progress
+    assert all(done == total for done, total, _ in seen.values())  # every unit reported full progress
+    assert sum(total for _, total, _ in seen.values()) == 5 * 8 + 3 * 6 + 5  # CORE examples + chat problems (HumanEval has 5)
 
 
 def test_killed_worker_is_retried_without_changing_results(env, sequential, tmp_path, monkeypatch):
