@@ -89,7 +89,9 @@ def test_two_workers_equal_sequential(env, sequential):
     assert _merged(units, fan.run_units_local(ref, units), tasks) == sequential  # shards in-process, too
     assert set(seen) == {u.key for u in units}
     assert all(done == total for done, total, _ in seen.values())  # every unit reported full progress
-    assert sum(total for _, total, _ in seen.values()) == 5 * 8 + 3 * 6 + 5  # CORE examples + chat problems (HumanEval has 5)
+    assert (
+        sum(total for _, total, _ in seen.values()) == 5 * 8 + 3 * 6 + 5
+    )  # CORE examples + chat problems (HumanEval has 5)
 
 
 def test_killed_worker_is_retried_without_changing_results(env, sequential, tmp_path, monkeypatch):
