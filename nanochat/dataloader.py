@@ -91,7 +91,7 @@ class BestFitPacker:
 # Which row groups a rank reads, in order
 
 
-def _resume_for_rank(resume_state, rank, world_size):
+def resume_state_for_rank(resume_state, rank, world_size):
     """This rank's state from a single state or a {"ranks": [...]} dict (None if there is nothing to resume)."""
     if resume_state is None:
         return None
@@ -254,7 +254,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     _, rank, _, world_size = get_dist_info()
     paths = split_paths(split, data_dir, warn_on_legacy=(rank == 0 and split == "train"))
-    state = _resume_for_rank(resume_state_dict, rank, world_size)
+    state = resume_state_for_rank(resume_state_dict, rank, world_size)
     plan = row_group_plan(count_row_groups(paths), rank, world_size, state)
     restored = restore_buffer(state, paths, tokenizer, tokenizer_threads) if is_exact_state(
         state, rank, world_size) else []
