@@ -32,6 +32,7 @@ from nanochat.rl import (
     sample_rollouts,
 )
 from nanochat.tasks.common import Task
+from nanochat.train import TrainSink
 from tests.eval_fixtures import make_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,6 +273,16 @@ def test_rl_steps_deterministic_and_checkpoint_loads_as_rl(sft_base):
     third = rl(tiny_cfg(model_tag="d2", num_iterations=1, eval_every=-1))
     assert third["pass_at_k"] == [] and third["final_pass_at_k"] is None and (ckpt / "model_000000.pt").exists()
 
+    # a launcher's resume (Ray: restarted worker group) continues after the checkpoint step with its weights:
+    # step 0 had lrm 1.0 in both runs, so step 1's rollouts (and rewards) equal the uninterrupted run's
+    class ResumeAt0(TrainSink):
+        def resume_step(self, checkpoint_dir):
+            return 0
+
+    resumed = rl(tiny_cfg(eval_every=-1), ResumeAt0())
+    assert resumed["start_step"] == 1 and resumed["rewards"] == first["rewards"][1:]
+    assert resumed["sequence_lengths"] == first["sequence_lengths"][1:]
+
     # rollouts: same (step, question, seed) -> same samples; another --seed -> other samples
     engine = Engine(sft_model, tokenizer)
     task = VowelTask()
@@ -322,9 +333,11 @@ def test_cli_gsm8k_offline_and_bad_input(sft_base, tmp_path):
 
 
 def vowel_worker(config):
+    import nanochat.rl
     from ray_jobs import chat_rl
 
-    RL_TASKS["vowels"] = vowel_tasks  # this test's task, registered inside the worker process
+    # this test's task, registered in the worker's own module (a global captured by value would be a copy)
+    nanochat.rl.RL_TASKS["vowels"] = vowel_tasks
     chat_rl.worker_fn(config)
 
 
