@@ -17,7 +17,7 @@ upstream, none of which change the default run's numbers:
 - evaluation uses `--max-new-tokens` and `--top-k` (upstream hard-codes 256 and 50, the flags' defaults);
 - the checkpoint meta also records step, user_config and the launcher (upstream: model_config only), and a sink
   may resume a killed run from the newest chatrl checkpoint (weights only: the optimizer restarts, as RL saves none);
-- ours: `--task` (gsm8k | spellingbee), `--num-iterations` (override the derived horizon), `--seed` (added to
+- ours: `--task` (gsm8k | spellingbee | arithmetic: the offline generated task, no network), `--num-iterations` (override the derived horizon), `--seed` (added to
   every rollout seed; 0 = upstream's seeds).
 
 Run single-process: python -m ray_jobs.chat_rl --num-workers 0
@@ -76,7 +76,7 @@ class RLConfig:
     eval_examples: int = _f(400, "number of examples for pass@k evaluation")
     save_every: int = _f(60, "save checkpoint every N steps (<= 0: only at the end)")
     # --- ours (not upstream flags)
-    task: str = _f("gsm8k", "RL task with a reward: gsm8k (upstream) | spellingbee")
+    task: str = _f("gsm8k", "RL task with a reward: gsm8k (upstream) | spellingbee | arithmetic (offline)")
     num_iterations: int = _f(-1, "number of optimization steps (-1 = epochs x train examples / examples-per-step)")
     seed: int = _f(0, "added to every rollout seed (0 = upstream's seeds)")
 
@@ -139,8 +139,15 @@ def _spellingbee_tasks():
     return SpellingBee(size=80000, split="train"), SpellingBee(size=1000, split="test")
 
 
+def _arithmetic_tasks():
+    """The offline SFT mixture's generated arithmetic (calculator call, then '#### N'), sized like GSM8K's splits."""
+    from nanochat.tasks.offline import Arithmetic
+
+    return Arithmetic(size=7473, split="train"), Arithmetic(size=1319, split="test")
+
+
 # task name -> () -> (train task, val task); each task has reward() (training) and evaluate() (pass@k)
-RL_TASKS = {"gsm8k": _gsm8k_tasks, "spellingbee": _spellingbee_tasks}
+RL_TASKS = {"gsm8k": _gsm8k_tasks, "spellingbee": _spellingbee_tasks, "arithmetic": _arithmetic_tasks}
 
 
 def load_tasks(name: str):

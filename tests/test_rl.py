@@ -226,6 +226,18 @@ def test_seeds_schedule_horizon_and_pass_at_k():
     assert pass_at_k_counts(outcomes, 3) == [1, 2, 2]
 
 
+def test_offline_arithmetic_task_rewards():
+    from nanochat.rl import load_tasks
+
+    train, test = load_tasks("arithmetic")
+    assert (len(train), len(test)) == (7473, 1319) and num_steps_for(RLConfig(task="arithmetic"), len(train)) == 467
+    conversation = train[5]
+    answer = conversation["messages"][-1]["content"][-1]["text"]  # '\n#### N'
+    assert train.reward(conversation, "Let me calculate: " + answer) == 1.0
+    assert train.reward(conversation, "#### 123456789") == 0.0 and train.reward(conversation, "no answer") == 0.0
+    assert train[5] == conversation and test[5] != conversation  # generated deterministically, disjoint splits
+
+
 @pytest.mark.parametrize("kwargs,flag", [
     (dict(num_samples=3, device_batch_size=2), "--num-samples"), (dict(examples_per_step=0), "--examples-per-step"),
     (dict(task="mmlu"), "--task"), (dict(device_type="tpu"), "--device-type"), (dict(top_k=-1), "--top-k"),
