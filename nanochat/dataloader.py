@@ -61,7 +61,7 @@ class BestFitPacker:
 
     def buffered_refs(self):
         """Refs of the buffered documents in arrival order (what a resumed loader must re-buffer)."""
-        return [self._docs[seq][1] for seq in sorted(self._docs)]
+        return [ref for _, ref in self._docs.values()]  # dicts keep insertion (= arrival) order
 
     def _pop(self, index):
         _, seq = self._keys.pop(index)
@@ -175,12 +175,13 @@ def _local_chunks(paths, plan, tokenizer, tokenizer_batch_size, tokenizer_thread
 
 def _compact_refs(refs):
     """[(pq, rg, doc), ...] -> [[pq, rg, [doc, ...]], ...] (runs of one row group), JSON-friendly and short."""
-    out = []
+    out, last = [], None
     for pq_idx, rg_idx, doc in refs:
-        if out and out[-1][0] == pq_idx and out[-1][1] == rg_idx:
-            out[-1][2].append(doc)
-        else:
-            out.append([pq_idx, rg_idx, [doc]])
+        if (pq_idx, rg_idx) != last:
+            last = (pq_idx, rg_idx)
+            docs = []
+            out.append([pq_idx, rg_idx, docs])
+        docs.append(doc)
     return out
 
 
