@@ -190,9 +190,11 @@ class BatchScheduler:
                              f"{self.max_seq_len} tokens (prompt + reply); shorten it or start a new conversation")
         seq = Sequence(list(prompt), params, on_event, self.device)
         with self._lock:
-            if len(self.waiting) >= self.max_waiting:
+            free_rows = self.max_batch_size - self.num_running()
+            if len(self.waiting) >= free_rows + self.max_waiting:  # rows busy and the waiting line is full
                 self.stats["rejected_busy"] += 1
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
+                raise QueueFull(f"all {self.max_batch_size} batch rows are busy and {len(self.waiting)} requests "
+                                "are waiting; retry later")
             self.waiting.append(seq)
             self.stats["requests_submitted"] += 1
             self._wake.notify()

@@ -1,0 +1,84 @@
+"""
+Serve the chat UI and API with Ray Serve: the upstream `scripts.chat_web` command, with replicas and batching.
+
+    python -m serve.chat_web                          # embedded Ray, one engine replica, http://localhost:8000
+    python -m serve.chat_web -n 8 -i sft              # 8 engine replicas (one GPU each when GPUs are present)
+    RAY_ADDRESS=auto python -m serve.chat_web -n 4    # on an existing cluster (`ray start` / `ray up`)
+
+Flags are upstream's (-n/--num-gpus, -i, -t 0.8, -k 50, -m 512, -g, -s, -p/--port 8000, --device-type, --host),
+plus --num-replicas (alias of -n), --max-replicas (autoscaling), --max-batch-size, --base-dir, --no-ui. The same app
+deploys with `serve deploy serve/config.yaml` (see serve/app.py). Ctrl-C shuts the app down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="NanoChat Web Server (Ray Serve)")
+    p.add_argument("-n", "--num-gpus", "--num-replicas", dest="num_replicas", type=int, default=1,
+                   help="engine replicas (one model copy per GPU on GPU machines)")
+    p.add_argument("-i", "--source", type=str, default="sft", help="Source of the model: base|sft|rl")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="Default temperature for generation")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="Default top-k sampling parameter")
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="Default max tokens for generation")
+    p.add_argument("-g", "--model-tag", type=str, default=None, help="Model tag to load")
+    p.add_argument("-s", "--step", type=int, default=None, help="Step to load")
+    p.add_argument("-p", "--port", type=int, default=8000, help="Port to run the server on")
+    p.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                   help="cuda|cpu|mps; empty = cuda when the cluster has GPUs, else cpu")
+    p.add_argument("--host", type=str, default="0.0.0.0", help="Host to bind the server to")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscale engine replicas up to this many")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together per replica")
+    p.add_argument("--base-dir", type=str, default=None, help="NANOCHAT_BASE_DIR for the replicas (local or s3://)")
+    p.add_argument("--no-ui", action="store_true", help="API only, no Gradio page at /")
+    return p.parse_args(argv)
+
+
+def app_args(args, cluster_gpus: float):
+    from serve.app import ChatAppArgs
+
+    device = args.device_type or ("cuda" if cluster_gpus > 0 else "cpu")
+    if device == "cuda" and cluster_gpus < args.num_replicas:
+        raise ValueError(f"{args.num_replicas} GPU replicas requested but the cluster has {cluster_gpus:g} GPUs; "
+                         f"lower -n/--num-gpus or add GPU nodes")
+    return ChatAppArgs(source=args.source, model_tag=args.model_tag, step=args.step,
+                       base_dir=args.base_dir or os.environ.get("NANOCHAT_BASE_DIR"), device_type=device,
+                       num_replicas=args.num_replicas, num_gpus_per_replica=1.0 if device == "cuda" else 0.0,
+                       max_replicas=args.max_replicas, max_batch_size=args.max_batch_size,
+                       temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, ui=not args.no_ui)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    print("Starting NanoChat Web Server")
+    print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}")
+    ray.init()  # RAY_ADDRESS set: join that cluster; otherwise start an embedded one
+    try:
+        chat_args = app_args(args, ray.cluster_resources().get("GPU", 0))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(chat_args), name="chat", route_prefix="/")
+    print(f"Server ready at http://localhost:{args.port}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Shutting down")
+        serve.delete("chat")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
