@@ -423,10 +423,23 @@ def _download(source, num_files, num_workers, data_dir, val_shard, progress, **f
         from nanochat import sample_corpus
 
         sid = _check_source(data_dir, f"sample:{sample_corpus.python_tag()}")
+        manifest = os.path.join(data_dir, f"SAMPLE_{sid.split(':')[1]}_n{num_files}.json")
         with FileLock(os.path.join(data_dir, ".sample.lock")):
+            if os.path.exists(manifest):  # written before by this very request: skip the ~10 s corpus build
+                with open(manifest) as f:
+                    ok = [os.path.join(data_dir, n) for n in json.load(f)["shards"]]
+                if all(_is_valid(p) for p in ok):
+                    print(f"Sample corpus shards already present ({len(ok)} files)")
+                    return sid, ok, {}, len(ok)
             docs = sample_corpus.build_documents()
             ok = write_shards(docs, data_dir, num_train_shards=num_files, docs_per_shard=4 * ROW_GROUP_SIZE)
-        print(f"Sample corpus: {len(docs)} documents, {sum(len(d) for d in docs) / 1e6:.1f}M characters")
+            info = {"shards": [os.path.basename(p) for p in ok], "documents": len(docs),
+                    "sha256": sample_corpus.corpus_fingerprint(docs)}
+            with open(manifest + ".tmp", "w") as f:
+                json.dump(info, f)
+            os.replace(manifest + ".tmp", manifest)
+        print(f"Sample corpus: {len(docs)} documents, {sum(len(d) for d in docs) / 1e6:.1f}M characters, "
+              f"sha256 {info['sha256'][:16]}")
         return sid, ok, {}, len(ok)
     if os.path.isdir(source):
         src = os.path.abspath(source)

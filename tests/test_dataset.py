@@ -217,7 +217,7 @@ def _hashes(directory):
 
 
 @pytest.mark.slow
-def test_sample_corpus_is_big_real_and_deterministic(base_dir, tmp_path):
+def test_sample_corpus_is_big_real_and_deterministic(base_dir, tmp_path, capsys):
     # Built twice, in two processes (different hash seeds), into two dirs: byte-identical shards.
     result = run_cli(tmp_path / "other", "--source", "sample")
     assert result.returncode == 0, result.stderr
@@ -242,6 +242,7 @@ def test_sample_corpus_is_big_real_and_deterministic(base_dir, tmp_path):
     words = " ".join(val).lower().split()
     for w in ("the", "of", "is", "to", "a"):
         assert words.count(w) > len(words) * 0.005, w
-    # Running again skips everything (and keeps the bytes).
+    # Running again skips everything, without rebuilding the corpus (and keeps the bytes).
     assert dataset.main(["--source", "sample"]) == 0
+    assert "already present" in capsys.readouterr().out
     assert _hashes(data_dir) == first
