@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from nanochat.common import NanochatError, get_base_dir
@@ -49,6 +50,13 @@ class ClusterArgs:
     address: str | None = None  # Ray address to connect to (default: RAY_ADDRESS, else a local cluster)
 
 
+def _flag_type(annotation):
+    """int / float / str for a field annotation, unwrapping `X | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    return base if base in (int, float, str) else str
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()):
     """One --flag per dataclass field (help from the field's metadata), defaults from the dataclass."""
     for f in fields(config_cls):
@@ -57,11 +65,11 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip=()):
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         help_text = f.metadata.get("help", "")
-        if f.type in (bool, "bool"):
+        if f.type is bool:
             parser.add_argument(flag, action="store_true", default=default, help=help_text)
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type), None) or (f.type if f.type in (int, float) else str)
-        parser.add_argument(flag, type=kind, default=default, help=help_text + f" (default: {default})")
+        else:
+            parser.add_argument(flag, type=_flag_type(f.type), default=default,
+                                help=f"{help_text} (default: {default})")
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser):

@@ -1,0 +1,81 @@
+"""
+Supervised fine-tuning on Ray Train: upstream chat_sft's flags and defaults, plus Ray's (see train_common).
+
+    python -m ray_jobs.chat_sft --num-workers 2                       # upstream mixture (SmolTalk, MMLU, GSM8K)
+    python -m ray_jobs.chat_sft --mixture offline --num-workers 2     # generated tasks, no network
+    python -m ray_jobs.chat_sft --num-workers 0 ...                   # in this process, no Ray (or under torchrun)
+
+Loads the base checkpoint (largest tag / last step unless --model-tag / --model-step), inherits batch sizes and
+LRs from its meta, writes chatsft_checkpoints/<tag>/ under the base dir (local or s3://). With --save-every, a
+restarted worker group or a resubmitted run (same --name) resumes from the newest SFT checkpoint.
+"""
+
+import argparse
+import sys
+
+from nanochat.common import NanochatError
+from nanochat.sft import SFTConfig, sft
+from ray_jobs import train_common as tc
+
+
+def parse_args(argv=None) -> tuple[SFTConfig, tc.ClusterArgs]:
+    parser = argparse.ArgumentParser(description="Supervised fine-tuning (SFT) the model (on Ray Train)")
+    tc.add_config_flags(parser, SFTConfig)
+    tc.add_cluster_flags(parser)
+    args = parser.parse_args(argv)
+    cfg_kwargs, cluster = tc.split_args(args, SFTConfig)
+    return SFTConfig(**cfg_kwargs), cluster
+
+
+def prepare(cfg: SFTConfig, cluster: tc.ClusterArgs) -> tuple[SFTConfig, bool, str]:
+    """Checks before Ray starts: flags, the base checkpoint exists, batch divisibility, storage."""
+    import json
+
+    from nanochat import storage
+    from nanochat.checkpoint_manager import _resolve, checkpoints_dir_for, meta_path
+    from nanochat.common import get_base_dir
+    from nanochat.sft import INHERITED
+
+    tc.validate_cluster(cluster)
+    use_gpu = tc.resolve_use_gpu(cluster, cfg.device_type) if cluster.num_workers > 0 else False
+    if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
+        cfg.device_type = "cpu"
+    checkpoint_dir, step = _resolve(checkpoints_dir_for("base"), cfg.model_tag, cfg.model_step)
+    meta = json.loads(storage.read_bytes(meta_path(checkpoint_dir, step)))
+    resolved = {name: getattr(cfg, name) if getattr(cfg, name) is not None else meta.get(name, fallback)
+                for name, fallback, where in INHERITED if where == "meta"}
+    from nanochat.train import check_batch_divisible
+
+    for world in tc.world_sizes(cluster):
+        check_batch_divisible(resolved["total_batch_size"], resolved["device_batch_size"], resolved["max_seq_len"],
+                              world)
+    tc.check_storage(get_base_dir(), *([cluster.storage or tc.default_storage()] if cluster.num_workers else []))
+    tag = cfg.model_tag or checkpoint_dir.rstrip("/").split("/")[-1]
+    return cfg, use_gpu, cluster.name or f"chat_sft-{tag}"
+
+
+def worker_fn(config: dict, sink_cls=tc.RaySink) -> None:
+    cfg = SFTConfig.from_dict(config["cfg"])
+    sink = sink_cls(config["run_name"], config["report_every"])
+    sink.report_final(sft(cfg, sink))
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, cluster = parse_args(argv)
+        cfg, use_gpu, run_name = prepare(cfg, cluster)
+        if cluster.num_workers == 0:
+            result = sft(cfg)
+        else:
+            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every}
+            result = tc.run_trainer(worker_fn, loop_config, cluster, use_gpu, run_name).metrics
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Final: step {result.get('step')} | val bpb {result.get('val_bpb')} | chat eval {result.get('chat_eval')} "
+          f"| checkpoints in {result.get('checkpoint_dir')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
