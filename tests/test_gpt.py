@@ -232,13 +232,17 @@ def naive_attention(q, k, v, qpos, kvalid, left):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("left", [-1, 5, 40, 64])
-def test_flash_attn_func_matches_reference(left):
+@pytest.mark.parametrize("T", [40, 43])
+@pytest.mark.parametrize("left", [-1, 5, 16, 40, 64])  # 5 and 16 take the blocked sliding-window path
+def test_flash_attn_func_matches_reference(left, T):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 40, h, 8, generator=g) for h in (4, 2, 2))
+    q, k, v = (torch.randn(2, T, h, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
     y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
-    ref = naive_attention(q, k, v, torch.arange(40).expand(2, 40), torch.ones(2, 40, dtype=torch.bool), left)
+    ref = naive_attention(q, k, v, torch.arange(T).expand(2, T), torch.ones(2, T, dtype=torch.bool), left)
     assert torch.allclose(y, ref, atol=1e-5)
+    dy = torch.randn(y.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("left", [-1, 6])
@@ -347,6 +351,24 @@ def test_fp8_linear_close_to_fp32():
     assert rel_err(x.grad, x2.grad) < 0.15 and rel_err(gw, lin.weight.grad) < 0.15
     with pytest.raises(ValueError, match="tensorwise"):
         Float8LinearConfig.from_recipe_name("rowwise")
+
+
+@pytest.mark.parametrize("V", [301, 70000])  # 70000: several row chunks
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_softcap_cross_entropy_matches_autograd_chain(V, reduction):
+    from nanochat.gpt import softcap_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = (20 * torch.randn(9, V, generator=g)).requires_grad_()
+    targets = torch.randint(0, V, (9,), generator=g)
+    targets[::4] = -1
+    ref = torch.nn.functional.cross_entropy(15 * torch.tanh(h / 15), targets, ignore_index=-1, reduction=reduction)
+    out = softcap_cross_entropy(h, targets, 15.0, reduction)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(out.shape, generator=g)
+    (g_ref,), (g_out,) = torch.autograd.grad((ref * w).sum(), h), torch.autograd.grad((out * w).sum(), h)
+    assert torch.allclose(g_out, g_ref, atol=1e-6)
+    assert (g_out[targets == -1] == 0).all()
 
 
 # -----------------------------------------------------------------------------

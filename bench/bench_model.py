@@ -1,0 +1,133 @@
+"""
+Training throughput of the model on CPU: forward + backward + MuonAdamW step, ours vs upstream nanochat side by side.
+
+    python bench/bench_model.py                               # ours only
+    python bench/bench_model.py --upstream /tmp/upstream      # ours and upstream (an unpacked nanochat@92d63d4)
+
+Default shape: depth 4 (dim 256, 2 heads of 128), T=512, vocab 4096, window pattern SSSL, batch 2, fp32, eager.
+Both implementations are loaded into this one process (upstream's `nanochat` package is imported after ours has
+been moved out of sys.modules; each keeps references to its own modules), built with the same seed, and their
+training steps are interleaved one by one, so a load spike on a shared machine hits both alike. The best step
+of each is the headline (least disturbed); the median is shown too. MFU = FLOPs/token (GPT.estimate_flops) x
+tokens/s / nanochat.common.cpu_peak_flops() (a measured fp32 matmul peak). Prints a table, then one JSON line.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_gpt_module(root):
+    """Import `nanochat.gpt` from `root`; a previously imported `nanochat` package is set aside first."""
+    for name in [n for n in sys.modules if n == "nanochat" or n.startswith("nanochat.")]:
+        del sys.modules[name]  # the already-loaded modules stay alive through the objects that reference them
+    sys.path.insert(0, root)
+    try:
+        gpt = importlib.import_module("nanochat.gpt")
+    finally:
+        sys.path.remove(root)
+    if not os.path.abspath(gpt.__file__).startswith(os.path.abspath(root)):
+        raise SystemExit(f"imported {gpt.__file__}, expected a module under {root}")
+    return gpt
+
+
+def build(gpt, args):
+    import torch
+
+    dim = -(-args.depth * 64 // 128) * 128  # base_train's sizing rule: aspect ratio 64, head_dim 128
+    config = gpt.GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab, n_layer=args.depth,
+                           n_head=dim // 128, n_kv_head=dim // 128, n_embd=dim, window_pattern=args.window_pattern)
+    with torch.device("meta"):
+        model = gpt.GPT(config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    optimizer = model.setup_optimizer()
+    flops = model.estimate_flops()
+    if args.compile:
+        model = torch.compile(model, dynamic=False)
+    return model, optimizer, flops
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upstream", default=None, help="path to an unpacked upstream nanochat checkout")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--window-pattern", default="SSSL")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow to warm up on CPU)")
+    args = parser.parse_args()
+    if args.upstream and not os.path.isfile(os.path.join(args.upstream, "nanochat", "gpt.py")):
+        raise SystemExit(f"--upstream {args.upstream}: no nanochat/gpt.py there (unpack nanochat@92d63d4 first)")
+    os.environ["NANOCHAT_DTYPE"] = "float32"  # both packages read it at import
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    roots = {"ours": REPO}
+    if args.upstream:
+        roots["upstream"] = os.path.abspath(args.upstream)
+    modules = {name: load_gpt_module(root) for name, root in roots.items()}
+    load_gpt_module(REPO)  # leave our package as `nanochat` for the rest of the process
+    from nanochat.common import cpu_peak_flops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g)
+    y = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g)
+    runs = {}
+    for name, gpt in modules.items():
+        model, optimizer, flops = build(gpt, args)
+        runs[name] = dict(model=model, opt=optimizer, flops=flops, times=[], losses=[])
+
+    def step(run):
+        t0 = time.perf_counter()
+        loss = run["model"](x, y)
+        loss.backward()
+        run["opt"].step()
+        run["model"].zero_grad(set_to_none=True)
+        run["losses"].append(loss.item())
+        return time.perf_counter() - t0
+
+    warmup_s = {name: sum(step(run) for _ in range(args.warmup)) for name, run in runs.items()}
+    for _ in range(args.steps):  # interleaved: ours, upstream, ours, upstream, ...
+        for run in runs.values():
+            run["times"].append(step(run))
+
+    peak = cpu_peak_flops()
+    tokens = args.batch_size * args.seq_len
+    print(f"depth {args.depth}, T {args.seq_len}, vocab {args.vocab}, batch {args.batch_size}, windows "
+          f"{args.window_pattern}, {args.threads} threads, fp32, {'compiled' if args.compile else 'eager'}; "
+          f"CPU matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'impl':<10} {'best ms':>9} {'median ms':>10} {'tok/s':>9} {'MFU %':>7} {'warmup s':>9} {'last loss':>10}")
+    result = {"bench": "model_train_cpu", "depth": args.depth, "seq_len": args.seq_len, "vocab": args.vocab,
+              "batch_size": args.batch_size, "window_pattern": args.window_pattern, "threads": args.threads,
+              "compile": args.compile, "cpu_peak_flops": round(peak)}
+    for name, run in runs.items():
+        best, median = min(run["times"]), sorted(run["times"])[len(run["times"]) // 2]
+        tok_s = tokens / best
+        mfu = run["flops"] * tok_s / peak
+        print(f"{name:<10} {best * 1e3:>9.1f} {median * 1e3:>10.1f} {tok_s:>9.0f} {100 * mfu:>7.2f} "
+              f"{warmup_s[name]:>9.1f} {run['losses'][-1]:>10.4f}")
+        result[name] = {"tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4), "best_step_ms": round(best * 1e3, 2),
+                        "median_step_ms": round(median * 1e3, 2)}
+    if "upstream" in runs:
+        ratio = min(runs["upstream"]["times"]) / min(runs["ours"]["times"])
+        ratio_median = sorted(runs["upstream"]["times"])[args.steps // 2] / sorted(runs["ours"]["times"])[args.steps // 2]
+        print(f"ours / upstream throughput: {ratio:.3f}x (best steps), {ratio_median:.3f}x (medians)")
+        result["ratio_ours_over_upstream"] = round(ratio, 3)
+        result["ratio_median"] = round(ratio_median, 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
