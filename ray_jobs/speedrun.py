@@ -1,0 +1,647 @@
+"""
+The whole nanochat pipeline as one Ray job: data -> tokenizer -> pretraining -> base eval -> SFT -> chat eval
+(-> RL) -> report. Every stage calls the library / ray_jobs functions directly, on one Ray cluster.
+
+    python -m ray_jobs.speedrun --preset cpu                   # embedded Ray, 2-core laptop, offline, <= 20 min
+    python -m ray_jobs.speedrun --preset cpu-tiny              # CI-sized
+    python -m ray_jobs.speedrun --preset speedrun --base-dir s3://bucket/nanochat      # d24 on every GPU
+    ray job submit --working-dir . -- python ray_jobs/speedrun.py --preset d12         # on a cluster
+    python -m ray_jobs.speedrun --preset cpu --set base_train.num_iterations=500 --depth 6 --stages base_train
+
+Presets and overrides: ray_jobs/presets.py (`--set section.key=value`, repeatable; shorthands --depth,
+--num-iterations, --num-workers, ...). `--list-presets` prints them; `--print-config` prints the resolved config.
+
+Resume: each finished stage writes `<base>/speedrun/stages/<stage>.json` (its key numbers, timings and a hash of
+its settings and of the stages it depends on). Re-running the same command skips finished stages; an interrupted
+training stage resumes from its newest checkpoint (same Ray Train run name, see ray_jobs/train_common.py). A stage
+whose settings changed runs again, and so does everything downstream of it. `--fresh` starts a new run id: every
+stage runs again and training starts from step 0 (old checkpoints are left in place).
+
+Outputs (nanochat's layout): base_data_climbmix/, tokenizer/, base_checkpoints/<tag>/, base_eval/,
+chatsft_checkpoints/<tag>/, chat_eval/, chatrl_checkpoints/, and report.md + report/*.png (ray_jobs/report.py).
+"""
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+
+if __package__ in (None, ""):  # `python ray_jobs/speedrun.py` (ray job submit): make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanochat import storage  # noqa: E402
+from nanochat.common import NanochatError  # noqa: E402
+from ray_jobs import presets as P  # noqa: E402
+
+MARKER_VERSION = 1
+# stage -> stages whose outputs it consumes (their hashes feed its hash: a change upstream reruns it)
+DEPENDS = {
+    "data": (),
+    "tokenizer": ("data",),
+    "tok_eval": ("tokenizer",),
+    "base_train": ("tokenizer",),
+    "base_eval": ("base_train",),
+    "chat_sft": ("base_train",),
+    "chat_eval": ("chat_sft",),
+    "chat_rl": ("chat_sft",),
+    "chat_eval_rl": ("chat_rl",),
+}
+STAGES = tuple(DEPENDS)
+# stage -> preset section holding its settings
+SECTION = {"data": "data", "tokenizer": "tokenizer", "tok_eval": "tokenizer", "base_train": "base_train",
+           "base_eval": "base_eval", "chat_sft": "chat_sft", "chat_eval": "chat_eval", "chat_rl": "chat_rl",
+           "chat_eval_rl": "chat_eval"}  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[speedrun] {msg}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Stage markers (JSON in the base dir, local or s3://)
+
+
+def speedrun_dir(base_dir: str) -> str:
+    return storage.join(base_dir, "speedrun")
+
+
+def marker_path(base_dir: str, stage: str) -> str:
+    return storage.join(speedrun_dir(base_dir), "stages", f"{stage}.json")
+
+
+def read_json(path: str) -> dict | None:
+    if not storage.exists(path):
+        return None
+    try:
+        return json.loads(storage.read_bytes(path))
+    except ValueError:
+        return None  # a torn or foreign file counts as absent
+
+
+def write_json(path: str, obj: dict) -> None:
+    storage.write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_run(base_dir: str, preset: dict, fresh: bool) -> dict:
+    """The run record (run id, preset, config), created on first use; a new run id with --fresh."""
+    path = storage.join(speedrun_dir(base_dir), "run.json")
+    run = None if fresh else read_json(path)
+    if run is None:
+        run = {"run_id": uuid.uuid4().hex[:8], "created": time.time()}
+    run.update(preset=preset["preset"], config={k: v for k, v in preset.items() if k != "preset"}, updated=time.time())
+    write_json(path, run)
+    return run
+
+
+# -----------------------------------------------------------------------------
+# Environment (for the report)
+
+
+def _git_commit() -> dict:
+    import subprocess
+
+    env = {k: os.environ[k] for k in ("NANOCHAT_GIT_COMMIT",) if k in os.environ}
+    if env:
+        return {"commit": env["NANOCHAT_GIT_COMMIT"], "dirty": None}
+    try:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)  # fmt: skip
+        if commit.returncode == 0:
+            return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": None, "dirty": None}
+
+
+def collect_environment(cluster_info) -> dict:
+    import platform
+
+    import ray
+    import torch
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = {}
+    for n in nodes:
+        for k in n.get("Resources", {}):
+            if k.startswith("accelerator_type:"):
+                name = k.split(":", 1)[1]
+                gpus[name] = gpus.get(name, 0) + int(n["Resources"].get("GPU", 0))
+    res = ray.cluster_resources()
+    return {
+        **_git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+        "driver_cpu": platform.processor() or platform.machine(),
+        "driver_cpu_count": os.cpu_count(),
+        "cuda_on_driver": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "nodes": len(nodes),
+        "cluster_cpus": res.get("CPU", 0),
+        "cluster_gpus": res.get("GPU", 0),
+        "gpu_types": gpus,
+        "cluster_memory_gib": round(res.get("memory", 0) / 2**30, 1),
+        "embedded_ray": cluster_info.embedded,
+        "ray_init_seconds": round(cluster_info.init_seconds, 2),
+        "dashboard_url": cluster_info.dashboard_url,
+        "job_submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID"),
+    }
+
+
+# -----------------------------------------------------------------------------
+# The runner
+
+
+class Pipeline:
+    def __init__(self, base_dir: str, preset: dict, run: dict, only: set | None, skip: set):
+        self.base_dir, self.p, self.run = base_dir, preset, run
+        self.only, self.skip = only, skip
+        self.results: dict[str, dict] = {}  # stage -> marker
+        self.hashes: dict[str, str] = {}
+
+    # ---- bookkeeping
+
+    def stage_hash(self, stage: str, extra=None) -> str:
+        cfg = self.p[SECTION[stage]]
+        deps = [self.hashes.get(d, "") for d in DEPENDS[stage]]
+        return _hash({"v": MARKER_VERSION, "run": self.run["run_id"], "stage": stage, "cfg": cfg, "deps": deps,
+                      "extra": extra})  # fmt: skip
+
+    def enabled(self, stage: str) -> bool:
+        if stage in self.skip or (self.only is not None and stage not in self.only):
+            return False
+        section = self.p[SECTION[stage]]
+        if stage == "tok_eval":
+            return bool(section.get("eval", True))
+        if stage in ("chat_rl", "chat_eval_rl"):
+            return bool(self.p["chat_rl"].get("enabled", False)) and (
+                stage == "chat_rl" or bool(self.p["chat_eval"].get("enabled", True)))
+        return bool(section.get("enabled", True))
+
+    def run_stage(self, stage: str, fn, extra=None) -> dict | None:
+        """Run fn() unless a matching marker says it is done; returns the marker (None when disabled)."""
+        h = self.stage_hash(stage, extra)
+        self.hashes[stage] = h
+        if not self.enabled(stage):
+            log(f"{stage}: skipped (disabled)")
+            return None
+        path = marker_path(self.base_dir, stage)
+        marker = read_json(path)
+        if marker is not None and marker.get("hash") == h and marker.get("status") == "done":
+            log(f"{stage}: already done ({marker.get('seconds', 0):.1f}s, {time.ctime(marker.get('finished', 0))}); "
+                f"skipping")
+            self.results[stage] = marker
+            return marker
+        if marker is not None:
+            log(f"{stage}: settings or inputs changed since the last run (or it did not finish): running it again")
+        log(f"{stage}: starting")
+        started = time.time()
+        write_json(path, {"stage": stage, "status": "running", "hash": h, "started": started})
+        metrics = fn() or {}
+        finished = time.time()
+        marker = {"stage": stage, "status": "done", "hash": h, "run_id": self.run["run_id"], "started": started,
+                  "finished": finished, "seconds": round(finished - started, 2), "metrics": metrics}  # fmt: skip
+        write_json(path, marker)
+        self.results[stage] = marker
+        log(f"{stage}: done in {finished - started:.1f}s")
+        return marker
+
+    def metric(self, stage: str, key: str, default=None):
+        return (self.results.get(stage) or {}).get("metrics", {}).get(key, default)
+
+    # ---- stages
+
+    def data(self) -> dict:
+        from nanochat import dataset
+
+        cfg = self.p["data"]
+        data_dir = dataset.get_data_dir()
+        local_dir = data_dir
+        if storage.is_remote(data_dir):  # download to local disk, then upload what the bucket lacks
+            from nanochat.common import get_local_cache_dir
+
+            local_dir = os.path.join(get_local_cache_dir(), dataset.DATA_DIRNAME)
+        ok, failed, wanted = dataset.download(cfg["source"], cfg["num_files"], cfg["num_workers"], data_dir=local_dir,
+                                              progress=False)  # fmt: skip
+        if failed:
+            names = ", ".join(sorted(failed)[:5])
+            raise NanochatError(f"{len(failed)} of {wanted} shards failed to download ({names}); re-run the same "
+                                f"command to retry them, or use --source sample offline")  # fmt: skip
+        uploaded = 0
+        if local_dir != data_dir:
+            have = set(storage.listdir(data_dir))
+            for path in ok:
+                name = os.path.basename(path)
+                if name not in have:
+                    with open(path, "rb") as f:
+                        storage.write_bytes(storage.join(data_dir, name), f.read())
+                    uploaded += 1
+        files = dataset.list_parquet_files(data_dir)
+        return {"source": cfg["source"], "shards": len(files), "train_shards": len(files) - 1, "uploaded": uploaded,
+                "data_dir": data_dir}  # fmt: skip
+
+    def tokenizer(self) -> dict:
+        from ray_jobs import tok_train
+
+        cfg = self.p["tokenizer"]
+        tcfg = tok_train.TokTrainConfig(max_chars=cfg["max_chars"], doc_cap=cfg["doc_cap"],
+                                        vocab_size=cfg["vocab_size"], use_ray=True)  # fmt: skip
+        out = tok_train.main(tcfg)
+        import torch
+
+        from nanochat.tokenizer import get_token_bytes
+
+        tb = get_token_bytes(device="cpu").float()
+        tb = tb[tb > 0]
+        return {"vocab_size": out["vocab_size"], "train_time_s": round(out["train_time_s"], 2), "docs": out["docs"],
+                "chars": out["chars"], "token_bytes_min": int(tb.min()), "token_bytes_max": int(tb.max()),
+                "token_bytes_mean": round(float(tb.mean()), 3), "token_bytes_std": round(float(torch.std(tb)), 3),
+                "tokenizer_path": out["tokenizer_path"]}  # fmt: skip
+
+    def tok_eval(self) -> dict:
+        from ray_jobs import tok_eval
+
+        out = tok_eval.main()
+        ratios = {}
+        for label, per_text in out["results"].items():
+            ratios[label] = {name: round(r["ratio"], 3) for name, r in per_text.items() if "ratio" in r}
+        return {"vocab_sizes": out["vocab_sizes"], "bytes_per_token": ratios}
+
+    def _cluster_args(self, name: str):
+        from ray_jobs import train_common as tc
+
+        r = self.p["ray"]
+        n = int(r["num_workers"])
+        if n < 0:  # every GPU of the cluster
+            import ray
+
+            n = int(ray.cluster_resources().get("GPU", 0))
+            if n < 1:
+                raise NanochatError("ray.num_workers=-1 means one worker per GPU, but the cluster has no GPUs; "
+                                    "start GPU nodes or pass --num-workers N (CPU workers)")  # fmt: skip
+        return tc.ClusterArgs(num_workers=n, use_gpu=str(r["use_gpu"]), cpus_per_worker=float(r["cpus_per_worker"]),
+                              max_failures=int(r["max_failures"]), report_every=int(r["report_every"]),
+                              name=name)  # fmt: skip
+
+    def _fit(self, module, cfg, stage: str, name: str) -> dict:
+        """prepare -> TorchTrainer.fit with the metrics-logging sink; returns the loop's final result dict."""
+        from ray_jobs import run_metrics
+        from ray_jobs import train_common as tc
+
+        cluster = self._cluster_args(name)
+        cfg, use_gpu, run_name = module.prepare(cfg, cluster)
+        sink = functools.partial(run_metrics.MetricsSink, metrics_file=run_metrics.metrics_path(self.base_dir, stage))
+        worker = functools.partial(module.worker_fn, sink_cls=sink)
+        loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every}
+        log(f"{stage}: Ray Train run {run_name!r}, {cluster.num_workers} worker(s), gpu={use_gpu}")
+        return tc.run_trainer(worker, loop_config, cluster, use_gpu, run_name).metrics
+
+    def base_train(self, depth: int | None = None, stage: str = "base_train") -> dict:
+        from nanochat.train import BaseTrainConfig
+        from ray_jobs import base_train
+
+        kw = {k: v for k, v in self.p["base_train"].items() if k not in ("depths", "series")}
+        if depth is not None:
+            kw["depth"] = depth
+            kw["model_tag"] = f"{self.p['base_train'].get('series', 'jan')}_miniseries_d{depth}"
+            if not self.p.get("_explicit", {}).get("base_train.device_batch_size"):
+                kw["device_batch_size"] = P.miniseries_device_batch(depth)
+        cfg = BaseTrainConfig(**kw)
+        res = self._fit(base_train, cfg, stage, f"speedrun-{self.run['run_id']}-{stage}-{cfg.tag}")
+        keep = ("step", "num_iterations", "start_step", "val_bpb", "min_val_bpb", "total_batch_size",
+                "grad_accum_steps", "world_size", "checkpoint_dir", "tok_per_sec", "mfu", "total_training_time")
+        out = {k: res.get(k) for k in keep}
+        losses = res.get("losses") or []
+        out["first_loss"] = losses[0][1] if losses else None
+        out["final_loss"] = losses[-1][1] if losses else None
+        out["model_tag"] = cfg.tag
+        out.update(self._model_numbers(cfg))
+        return out
+
+    def _model_numbers(self, cfg) -> dict:
+        from nanochat.tokenizer import get_tokenizer
+        from nanochat.train import build_model_meta, scaling_params
+
+        model = build_model_meta(cfg, get_tokenizer().get_vocab_size())
+        counts = model.num_scaling_params()
+        return {"depth": cfg.depth, "model_dim": model.config.n_embd, "num_params": counts["total"],
+                "num_scaling_params": scaling_params(model), "flops_per_token": model.estimate_flops()}  # fmt: skip
+
+    def _fanout_args(self) -> list[str]:
+        r = self.p["ray"]
+        args = ["--shards-per-task", str(r["eval_shards_per_task"]), "--no-progress"]
+        if float(r.get("eval_gpus_per_task", -1)) >= 0:
+            args += ["--gpus-per-worker", str(r["eval_gpus_per_task"])]
+        return args
+
+    def base_eval(self, tag: str | None = None, step: int | None = None) -> dict:
+        from ray_jobs import base_eval
+
+        cfg = self.p["base_eval"]
+        tag = tag or self.metric("base_train", "model_tag")
+        step = step if step is not None else self.metric("base_train", "step")
+        argv = ["--eval", cfg["eval"], "--max-per-task", str(cfg["max_per_task"]), "--device-batch-size",
+                str(cfg["device_batch_size"]), "--split-tokens", str(cfg["split_tokens"]), *self._fanout_args()]
+        if tag:
+            argv += ["--model-tag", tag]
+        if step is not None:
+            argv += ["--step", str(step)]
+        out = _call_entry(base_eval.main, argv)
+        res = {"step": out.get("step"), "bpb": out.get("bpb")}
+        if "core" in out:
+            res["core_metric"] = out["core"]["core_metric"]
+            res["centered_results"] = out["core"].get("centered_results")
+        if "samples" in out:
+            res["samples"] = out["samples"][:7]
+        return res
+
+    def chat_sft(self) -> dict:
+        from nanochat.sft import SFTConfig
+        from ray_jobs import chat_sft
+
+        kw = {k: v for k, v in self.p["chat_sft"].items() if k != "enabled"}
+        kw.setdefault("model_tag", self.metric("base_train", "model_tag"))
+        kw.setdefault("model_step", self.metric("base_train", "step"))
+        cfg = SFTConfig(**kw)
+        res = self._fit(chat_sft, cfg, "chat_sft", f"speedrun-{self.run['run_id']}-chat_sft-{cfg.model_tag}")
+        losses = res.get("losses") or []
+        return {"step": res.get("step"), "start_step": res.get("start_step"), "val_bpb": res.get("val_bpb"),
+                "min_val_bpb": res.get("min_val_bpb"), "chat_eval": res.get("chat_eval"),
+                "checkpoint_dir": res.get("checkpoint_dir"), "world_size": res.get("world_size"),
+                "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
+                "model_tag": str(res.get("checkpoint_dir", "")).rstrip("/").rsplit("/", 1)[-1] or cfg.model_tag}
+
+    def chat_eval(self, source: str = "sft") -> dict:
+        from nanochat.chat_eval import TASK_NAMES
+        from ray_jobs import chat_eval
+
+        cfg = self.p["chat_eval"]
+        producer = "chat_sft" if source == "sft" else "chat_rl"
+        tag, step = self.metric(producer, "model_tag"), self.metric(producer, "step")
+        tasks = [t.strip() for t in str(cfg["tasks"]).split("|") if t.strip()]
+        known = [t for t in tasks if t in TASK_NAMES]
+        generated = [t for t in tasks if t not in TASK_NAMES]
+        results, out = {}, {}
+        if known:
+            argv = ["-i", source, "-a", "|".join(known), "-b", str(cfg["batch_size"]), "-m", str(cfg["max_new_tokens"]),
+                    "-n", str(cfg["num_samples"]), "-t", str(cfg["temperature"]), "-k", str(cfg["top_k"]),
+                    *self._fanout_args()]  # fmt: skip
+            if int(cfg["max_problems"]) > 0:
+                argv += ["-x", str(cfg["max_problems"])]
+            if tag:
+                argv += ["-g", tag]
+            if step is not None:
+                argv += ["-s", str(step)]
+            out = _call_entry(chat_eval.main, argv)
+            results.update(out.get("results", {}))
+        if generated:
+            results.update(eval_generated_tasks(source, tag, step, generated, cfg, self.p["chat_sft"]))
+            _write_generated_eval(source, tag, step, results)
+        from nanochat.chat_eval import chatcore
+
+        return {"source": source, "step": step, "results": results, "chatcore": out.get("chatcore") or chatcore(results)}
+
+    def chat_rl(self) -> dict:
+        from nanochat.rl import RLConfig
+        from ray_jobs import chat_rl
+
+        kw = {k: v for k, v in self.p["chat_rl"].items() if k != "enabled"}
+        kw.setdefault("model_tag", self.metric("chat_sft", "model_tag"))
+        cfg = RLConfig(**kw)
+        res = self._fit(chat_rl, cfg, "chat_rl", f"speedrun-{self.run['run_id']}-chat_rl-{cfg.model_tag}")
+        ckpt = str(res.get("checkpoint_dir", ""))
+        return {"step": res.get("step"), "checkpoint_dir": ckpt, "model_tag": ckpt.rstrip("/").rsplit("/", 1)[-1],
+                **{k: v for k, v in res.items() if k.startswith(("pass@", "reward", "mean_reward"))}}
+
+    # ---- the whole thing
+
+    def run_all(self) -> None:
+        if self.p["preset"] == "miniseries" or self.p["base_train"].get("depths"):
+            return self.run_miniseries()
+        self.run_stage("data", self.data)
+        self.run_stage("tokenizer", self.tokenizer)
+        self.run_stage("tok_eval", self.tok_eval)
+        self.run_stage("base_train", self.base_train)
+        self.run_stage("base_eval", self.base_eval)
+        self.run_stage("chat_sft", self.chat_sft)
+        self.run_stage("chat_eval", lambda: self.chat_eval("sft"))
+        self.run_stage("chat_rl", self.chat_rl)
+        self.run_stage("chat_eval_rl", lambda: self.chat_eval("rl"))
+
+    def run_miniseries(self) -> None:
+        """runs/miniseries.sh: one base_train (+ bpb eval) per depth, then results.csv with upstream's columns."""
+        self.run_stage("data", self.data)
+        self.run_stage("tokenizer", self.tokenizer)
+        depths = [int(d) for d in str(self.p["base_train"].get("depths") or self.p["base_train"]["depth"]).split(",")]
+        rows = []
+        for d in depths:
+            stage = f"base_train_d{d}"
+            DEPENDS.setdefault(stage, ("tokenizer",))
+            SECTION.setdefault(stage, "base_train")
+            tr = self.run_stage(stage, functools.partial(self.base_train, d, stage), extra=d)
+            ev_stage = f"base_eval_d{d}"
+            DEPENDS.setdefault(ev_stage, (stage,))
+            SECTION.setdefault(ev_stage, "base_eval")
+            ev = None
+            if tr is not None:
+                m = tr["metrics"]
+                ev = self.run_stage(ev_stage, functools.partial(self.base_eval, m["model_tag"], m["step"]), extra=d)
+            if tr is not None:
+                m, em = tr["metrics"], (ev or {}).get("metrics", {})
+                tokens = (m.get("total_batch_size") or 0) * (m.get("step") or 0)
+                rows.append([d, m["model_dim"], m["num_params"], m["num_scaling_params"], m["num_iterations"], tokens,
+                             round(tokens / m["num_scaling_params"], 3), m.get("min_val_bpb"),
+                             em.get("core_metric", ""), round(m.get("total_training_time") or 0, 1)])  # fmt: skip
+        header = ("depth,model_dim,num_params,num_scaling_params,num_iterations,tokens_trained,param_data_ratio,"
+                  "val_bpb,core_score,train_time_sec")  # fmt: skip
+        body = header + "\n" + "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in rows)
+        path = storage.join(speedrun_dir(self.base_dir), "miniseries_results.csv")
+        storage.write_bytes(path, body.encode())
+        log(f"miniseries results: {path}")
+
+
+def _call_entry(main, argv: list[str]) -> dict:
+    """Call a ray_jobs entry point's main(argv) in this process; its exit-2 user errors become NanochatError."""
+    log(f"  {main.__module__} {' '.join(argv)}")
+    try:
+        return main(argv)
+    except SystemExit as e:
+        raise NanochatError(f"{main.__module__} failed (exit status {e.code}); see the message above") from None
+
+
+# -----------------------------------------------------------------------------
+# Held-out evaluation of the generated (offline) chat tasks, one Ray task per chat task
+
+
+def _generated_task(name: str, size: int):
+    from nanochat.tasks import offline
+
+    cls = getattr(offline, name, None)
+    if cls is None or not isinstance(cls, type):
+        from nanochat.chat_eval import TASK_NAMES
+
+        raise NanochatError(f"unknown chat eval task {name!r}; valid: {', '.join(TASK_NAMES)}, WordChoice, Arithmetic")
+    return cls(size, "test")
+
+
+def _eval_generated_one(source: str, tag: str | None, step: int | None, name: str, size: int, cfg: dict) -> float:
+    import torch
+
+    from nanochat.chat_eval import run_categorical_eval, run_generative_eval
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or torch.get_num_threads()))
+    model, tokenizer, _ = load_model(source, torch.device("cpu") if not torch.cuda.is_available() else
+                                     torch.device("cuda"), phase="eval", model_tag=tag, step=step)  # fmt: skip
+    task = _generated_task(name, size)
+    max_problems = int(cfg["max_problems"]) if int(cfg["max_problems"]) > 0 else None
+    with contextlib.redirect_stdout(sys.stderr):
+        if task.eval_type == "categorical":
+            return run_categorical_eval(task, tokenizer, model, int(cfg["batch_size"]), max_problems)
+        return run_generative_eval(task, tokenizer, model, Engine(model, tokenizer), int(cfg["num_samples"]),
+                                   int(cfg["max_new_tokens"]), float(cfg["temperature"]), int(cfg["top_k"]),
+                                   max_problems)  # fmt: skip
+
+
+def eval_generated_tasks(source, tag, step, names, cfg, sft_cfg) -> dict:
+    """Accuracy on the held-out split of each generated task (size = SFT's offline_size / 10, as nanochat.sft)."""
+    import ray
+
+    size = max(1, int(sft_cfg.get("offline_size", 20000)) // 10)
+    for n in names:
+        _generated_task(n, 1)  # unknown names fail before any work starts
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    env = {k: v for k, v in os.environ.items() if k.startswith(("NANOCHAT_", "AWS_"))}
+    remote = ray.remote(_eval_generated_one).options(num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": env},
+                                                      max_retries=2)  # fmt: skip
+    futures = {n: remote.remote(source, tag, step, n, size, cfg) for n in names}
+    out = {n: float(ray.get(f)) for n, f in futures.items()}
+    for n, acc in out.items():
+        print(f"{n} accuracy: {100 * acc:.2f}%")
+    return out
+
+
+def _write_generated_eval(source, tag, step, results) -> None:
+    from nanochat.common import get_base_dir
+
+    out_dir = storage.join(get_base_dir(), "chat_eval")
+    storage.makedirs(out_dir)
+    body = {"source": source, "model_tag": tag, "step": step, "results": results}
+    write_json(storage.join(out_dir, f"{source}_{tag}_{int(step or 0):06d}_generated.json"), body)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="nanochat speedrun as one Ray job (see module docstring)")
+    p.add_argument("--preset", default="cpu", help=f"one of: {', '.join(P.list_presets())} (default: cpu)")
+    p.add_argument("--base-dir", default=None, help="NANOCHAT_BASE_DIR for this run: a local dir or s3://bucket/prefix")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
+    p.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a preset value (repeatable), e.g. --set base_train.depth=6")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset to run (of {', '.join(STAGES)})")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip")
+    p.add_argument("--fresh", action="store_true", help="new run id: ignore finished stages and old checkpoints")
+    p.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    for flag, target in P.SHORTHANDS.items():
+        p.add_argument("--" + flag.replace("_", "-"), default=None, help=f"shorthand for --set {target}=VALUE")
+    return p.parse_args(argv)
+
+
+def resolve_config(args) -> dict:
+    preset = P.get_preset(args.preset)
+    explicit = {}
+    overrides = [f"{target}={getattr(args, flag)}" for flag, target in P.SHORTHANDS.items()
+                 if getattr(args, flag) is not None] + list(args.overrides)  # fmt: skip
+    for spec in overrides:
+        P.apply_override(preset, spec)
+        explicit[spec.split("=", 1)[0].strip()] = True
+    preset["_explicit"] = explicit
+    return preset
+
+
+def _stage_set(spec: str | None) -> set | None:
+    if spec is None:
+        return None
+    names = {s.strip() for s in spec.split(",") if s.strip()}
+    bad = names - set(STAGES)
+    if bad:
+        raise NanochatError(f"unknown stage(s) {sorted(bad)}; valid: {', '.join(STAGES)}")
+    return names
+
+
+def main(argv=None) -> int:
+    t_start = time.time()
+    args = parse_args(argv)
+    if args.list_presets:
+        for name in P.list_presets():
+            doc = ((P.PRESETS[name].__doc__ or "").strip().splitlines() or [""])[0]
+            print(f"{name:10s} {doc}")
+        return 0
+    info = None
+    try:
+        preset = resolve_config(args)
+        only, skip = _stage_set(args.stages), _stage_set(args.skip) or set()
+        if args.print_config:
+            print(json.dumps({k: v for k, v in preset.items() if k != "_explicit"}, indent=2))
+            return 0
+        if args.base_dir:
+            os.environ["NANOCHAT_BASE_DIR"] = args.base_dir
+        from nanochat.common import get_base_dir
+
+        base_dir = get_base_dir()
+        os.environ["NANOCHAT_BASE_DIR"] = base_dir  # resolved (default included): forwarded to every Ray worker
+        storage.check_writable(base_dir)  # a bad path or bucket fails here, in seconds
+        log(f"preset {preset['preset']} | base dir {base_dir}")
+        from ray_jobs import cluster_utils
+        from ray_jobs import train_common as tc
+
+        r = preset["ray"]
+        info = cluster_utils.connect(args.address, num_cpus=int(r["num_cpus"]) if int(r["num_cpus"]) > 0 else None,
+                                     include_dashboard=bool(r["dashboard"]), env_vars=tc.forwarded_env())  # fmt: skip
+        where = "embedded Ray" if info.embedded else f"Ray cluster {info.address}"
+        log(f"{where}: {info.num_nodes} node(s), {info.resources} (ray.init {info.init_seconds:.1f}s)"
+            + (f" | dashboard {info.dashboard_url}" if info.dashboard_url else ""))
+        run = load_run(base_dir, preset, args.fresh)
+        env = collect_environment(info)
+        write_json(storage.join(speedrun_dir(base_dir), "environment.json"), env)
+        pipe = Pipeline(base_dir, preset, run, only, skip)
+        pipe.run_all()
+        total = time.time() - t_start
+        write_json(storage.join(speedrun_dir(base_dir), "last_invocation.json"),
+                   {"started": t_start, "finished": time.time(), "seconds": round(total, 2), "argv": argv or
+                    sys.argv[1:], "run_id": run["run_id"]})  # fmt: skip
+        if not args.no_report:
+            from ray_jobs import report
+
+            path = report.generate(base_dir)
+            log(f"report: {path}")
+        log(f"all stages finished; wall time {total / 60:.1f} min (this invocation, Ray start-up included)")
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from ray_jobs import cluster_utils
+
+        cluster_utils.shutdown(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
