@@ -66,6 +66,9 @@ class MiniKVCache:
     def advance(self, n):
         self.cache_seqlens += n
 
+    def reset_rows(self, rows):
+        self.cache_seqlens[list(rows)] = 0
+
     def copy_row_from(self, dst, src, src_row=0):
         n = int(src.cache_seqlens[src_row])
         self.k_cache[:, dst, :n] = src.k_cache[:, src_row, :n]
@@ -158,28 +161,40 @@ def test_optimizer_groups_match_upstream(golden):
 # Rows at different cache positions (continuous batching)
 
 
-def _decode_alone(model, prompt, continuation, seq_len):
+def engine_cache(model, batch_size, seq_len):
+    from nanochat.engine import KVCache
+
+    c = model.config
+    return KVCache(batch_size, c.n_kv_head, seq_len, c.head_dim, c.n_layer, "cpu", torch.float32)
+
+
+CACHE_KINDS = {"mini": MiniKVCache.for_model, "engine": engine_cache}
+
+
+def _decode_alone(model, prompt, continuation, seq_len, make_cache):
     """Logits of `continuation` fed one token at a time after a batch-1 prefill of `prompt`."""
-    cache = MiniKVCache.for_model(model, 1, seq_len)
+    cache = make_cache(model, 1, seq_len)
     model(prompt[None], kv_cache=cache)
     return cache, torch.cat([model(tok.view(1, 1), kv_cache=cache) for tok in continuation], dim=1)[0]
 
 
+@pytest.mark.parametrize("kind", sorted(CACHE_KINDS))
 @torch.no_grad()
-def test_rows_at_different_positions_match_running_alone(golden):
+def test_rows_at_different_positions_match_running_alone(golden, kind):
+    make_cache = CACHE_KINDS[kind]
     case = golden["cases"]["SSSL"]  # window 128 on three layers, so the per-row window mask matters
     model = build(case["config"], case["state_dict"])
     idx = case["idx"][0]
     prompts = [idx[:150], idx[20:110], idx[60:62]]  # lengths 150, 90, 2
     conts = [idx[150:190], idx[110:150], idx[100:140]]
     S = 200
-    batch = MiniKVCache.for_model(model, 3, S)
+    batch = make_cache(model, 3, S)
     alone = []
     for row, (p, c) in enumerate(zip(prompts, conts)):
-        single = MiniKVCache.for_model(model, 1, S)
+        single = make_cache(model, 1, S)
         model(p[None], kv_cache=single)
         batch.copy_row_from(row, single)
-        alone.append(_decode_alone(model, p, c, S)[1])
+        alone.append(_decode_alone(model, p, c, S, make_cache)[1])
     assert batch.cache_seqlens.tolist() == [150, 90, 2]
     steps = torch.cat([model(torch.stack([c[t] for c in conts]).view(3, 1), kv_cache=batch)
                        for t in range(len(conts[0]))], dim=1)  # (3, 40, V)
@@ -191,7 +206,7 @@ def test_rows_at_different_positions_match_running_alone(golden):
     chunk = torch.stack([idx[190:194], idx[150:154], idx[140:144]])
     out = model(chunk, kv_cache=batch)
     for row in range(3):
-        single = MiniKVCache.for_model(model, 1, S)
+        single = make_cache(model, 1, S)
         single.copy_row_from(0, batch, row)
         single.cache_seqlens -= 4  # back to the position before the chunk (k/v get rewritten identically)
         single.prev_embedding = None
@@ -199,14 +214,15 @@ def test_rows_at_different_positions_match_running_alone(golden):
         assert rel_err(out[row], ref[0]) < 1e-5, row
 
 
+@pytest.mark.parametrize("kind", sorted(CACHE_KINDS))
 @torch.no_grad()
-def test_fresh_row_next_to_busy_rows(golden):
+def test_fresh_row_next_to_busy_rows(golden, kind):
     case = golden["cases"]["L_gqa"]
     model = build(case["config"], case["state_dict"])
     idx = case["idx"]
-    batch = MiniKVCache.for_model(model, 2, 64)
+    batch = CACHE_KINDS[kind](model, 2, 64)
     model(idx[:, :30], kv_cache=batch)
-    batch.cache_seqlens[1] = 0  # row 1 restarts (what KVCache.reset_rows does)
+    batch.reset_rows([1])  # row 1 restarts; its stale k/v and smear state must not leak in
     out = model(idx[:, 30:31], kv_cache=batch)
     fresh = model(idx[1:, 30:31])  # one token, no cache: no smear, position 0
     assert rel_err(out[1], fresh[0]) < 1e-5
