@@ -13,7 +13,8 @@ Sections (every key of every section can be overridden; unknown keys are rejecte
   chat_sft    any field of the SFT config (`nanochat.sft`), when that stage exists
   chat_eval   `ray_jobs.chat_eval` flags (tasks joined by |, problems per task, ...)
   chat_rl     any field of the RL config (`nanochat.rl`); enabled=False skips the stage
-  ray         workers and resources: num_workers (-1 = every GPU of the cluster), cpus_per_worker, use_gpu,
+  ray         workers and resources: nodes x gpus_per_node (GPU presets) or num_workers (-1 = every GPU of the
+              cluster), cpus_per_worker, use_gpu,
               max_failures, report_every, eval_shards_per_task, embedded-cluster num_cpus / dashboard
 
 GPU presets mirror upstream's runs/speedrun.sh (d24, ratio 8, FP8, device batch 16) and runs/miniseries.sh (a depth
@@ -31,7 +32,9 @@ SECTIONS = ("data", "tokenizer", "base_train", "base_eval", "chat_sft", "chat_ev
 
 def _ray(**kw) -> dict:
     d = {
-        "num_workers": 1,  # training workers (1 per GPU); -1 = every GPU in the cluster
+        "num_workers": 1,  # training workers (1 per GPU); -1 = every GPU in the cluster now
+        "nodes": 0,  # > 0: num_workers = nodes x gpus_per_node (GPU presets; the autoscaler adds the nodes)
+        "gpus_per_node": 8,
         "cpus_per_worker": -1.0,  # -1 = auto (CPU: all CPUs split across workers; GPU: 4 per worker)
         "use_gpu": "auto",  # auto | 1 | 0
         "max_failures": 3,  # Train worker-group restarts (-1 = infinite, e.g. spot nodes)
@@ -96,7 +99,7 @@ def cpu_tiny() -> dict:
     p["base_train"].update(depth=2, max_seq_len=64, device_batch_size=4, total_batch_size=512, num_iterations=12,
                            eval_every=6, eval_tokens=512, save_every=4, warmup_steps=2)  # fmt: skip
     p["base_eval"].update(device_batch_size=4, split_tokens=512)
-    p["chat_sft"].update(device_batch_size=4, max_seq_len=64, num_iterations=6, eval_tokens=512, offline_size=200)
+    p["chat_sft"].update(device_batch_size=4, max_seq_len=128, num_iterations=6, eval_tokens=512, offline_size=200)
     p["chat_eval"].update(max_problems=4, max_new_tokens=8, batch_size=4)
     p["ray"].update(report_every=2, eval_shards_per_task=1, dashboard=False)
     return p
@@ -111,7 +114,7 @@ def speedrun() -> dict:
     return _base(
         base_train={"depth": 24, "target_param_data_ratio": 8, "device_batch_size": 16, "fp8": True},
         base_eval={"device_batch_size": 16},
-        ray=_ray(num_workers=-1, max_failures=-1, eval_shards_per_task=8, dashboard=True),
+        ray=_ray(nodes=1, max_failures=-1, eval_shards_per_task=8),
     )
 
 
@@ -126,7 +129,7 @@ def d12() -> dict:
         data={"num_files": 8},
         base_train={"depth": 12, "core_metric_every": -1, "sample_every": -1},
         base_eval={"max_per_task": 500},
-        ray=_ray(num_workers=-1, max_failures=-1, eval_shards_per_task=8),
+        ray=_ray(nodes=1, max_failures=-1, eval_shards_per_task=8),
     )
 
 
@@ -147,7 +150,7 @@ def miniseries() -> dict:
         base_eval={"eval": "bpb"},
         chat_sft={"enabled": False},
         chat_eval={"enabled": False},
-        ray=_ray(num_workers=-1, max_failures=-1, eval_shards_per_task=8),
+        ray=_ray(nodes=1, max_failures=-1, eval_shards_per_task=8),
     )
 
 
@@ -276,4 +279,5 @@ SHORTHANDS = {
     "source": "data.source",
     "num_shards": "data.num_files",
     "num_workers": "ray.num_workers",
+    "nodes": "ray.nodes",
 }

@@ -283,7 +283,9 @@ class Pipeline:
 
         r = self.p["ray"]
         n = int(r["num_workers"])
-        if n < 0:  # every GPU of the cluster
+        if int(r.get("nodes", 0)) > 0:
+            n = int(r["nodes"]) * int(r["gpus_per_node"])
+        elif n < 0:  # every GPU of the cluster
             import ray
 
             n = int(ray.cluster_resources().get("GPU", 0))
@@ -572,6 +574,8 @@ def resolve_config(args) -> dict:
     for spec in overrides:
         P.apply_override(preset, spec)
         explicit[spec.split("=", 1)[0].strip()] = True
+    if explicit.get("ray.num_workers") and not explicit.get("ray.nodes"):
+        preset["ray"]["nodes"] = 0  # an explicit worker count wins over the preset's node count
     preset["_explicit"] = explicit
     return preset
 
