@@ -61,9 +61,16 @@ def _load_flash_attention_3():
 
 
 def __getattr__(name):
-    # HAS_FA3 is computed on first access, so importing this module never touches CUDA or the network.
+    # Computed on first access, so importing this module never touches CUDA or the network.
+    # HAS_FA3: the kernel loaded. USE_FA3: it will be used for COMPUTE_DTYPE activations (bf16 only).
     if name == "HAS_FA3":
         return _load_flash_attention_3() is not None
+    if name == "USE_FA3":
+        from nanochat.common import COMPUTE_DTYPE
+
+        if _override_impl is not None:
+            return _override_impl == "fa3"
+        return COMPUTE_DTYPE == torch.bfloat16 and _load_flash_attention_3() is not None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -285,6 +285,8 @@ def test_kvcache_per_row_matches_reference(left, T_new):
 
 def test_fa3_is_optional_here():
     assert flash_attention.HAS_FA3 is False  # CPU: never loaded, never required
+    assert flash_attention.USE_FA3 is False
+    from nanochat.flash_attention import USE_FA3  # noqa: F401 (importable by name, as base_train does)
     flash_attention._override_impl = "fa3"
     try:
         with pytest.raises(RuntimeError, match="FA3 is not available"):
