@@ -38,9 +38,21 @@ import torch.nn.functional as F
 _override_impl = None
 
 
-@functools.lru_cache(maxsize=1)
+_fa3_lookup = None  # None: not looked up yet; False: unavailable; else the FA3 interface module
+
+
 def _load_flash_attention_3():
-    """The FA3 interface module, or None. Called lazily (first CUDA call), never raises."""
+    """The FA3 interface module, or None. Looked up once, lazily (first CUDA call); never raises.
+
+    The result lives in a plain module global so that torch.compile sees a constant after the first lookup.
+    """
+    global _fa3_lookup
+    if _fa3_lookup is None:
+        _fa3_lookup = _find_flash_attention_3() or False
+    return _fa3_lookup or None
+
+
+def _find_flash_attention_3():
     if not torch.cuda.is_available():
         return None
     try:
