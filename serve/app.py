@@ -40,7 +40,7 @@ class ChatAppArgs(BaseModel):
     # --- batching and back-pressure
     max_batch_size: int = Field(16, ge=1)  # rows decoded together per replica
     max_waiting: int = Field(32, ge=0)  # requests queued inside a replica for a free row
-    max_queued_requests: int = 64  # requests queued at the ingress for a replica; beyond -> HTTP 503
+    max_queued_requests: int = 64  # requests queued at the ingress for a replica (-1 = no limit); beyond -> 503
     max_seq_len: int | None = None  # prompt + reply tokens per request; None = the model's sequence_len
     batch_invariant: bool | None = None  # None = on for CPU (see serve/batching.py)
     # --- generation defaults (upstream's chat_web flags)

@@ -62,7 +62,7 @@ def main(argv=None):
 
     print("Starting NanoChat Web Server")
     print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}")
-    ray.init()  # RAY_ADDRESS set: join that cluster; otherwise start an embedded one
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")  # embedded unless RAY_ADDRESS names a cluster
     try:
         chat_args = app_args(args, ray.cluster_resources().get("GPU", 0))
     except ValueError as e:
