@@ -332,3 +332,33 @@ def test_chat_cli_one_shot_in_process(tiny, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base + "/missing")
     assert chat_cli.main(["-p", "hi"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Deploy artefacts: serve/config.yaml and the RayService that embeds it
+
+
+def test_serve_config_and_rayservice_agree_and_build():
+    import importlib
+    import os
+
+    import yaml
+    from ray.serve import Application
+
+    from serve.app import ChatAppArgs
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = yaml.safe_load(open(os.path.join(root, "serve", "config.yaml")))
+    service = yaml.safe_load(open(os.path.join(root, "cluster", "kuberay", "rayservice-chat.yaml")))
+    assert service["kind"] == "RayService" and service["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for cfg in (config, embedded):
+        (app,) = cfg["applications"]
+        module, name = app["import_path"].split(":")
+        builder = getattr(importlib.import_module(module), name)
+        assert isinstance(builder(ChatAppArgs(**app["args"])), Application)
+        assert app["route_prefix"] == "/" and app["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
+    assert embedded["applications"][0]["args"] == config["applications"][0]["args"]
+    assert embedded["http_options"] == config["http_options"]
+    with pytest.raises(ValueError, match="temperature"):
+        ChatAppArgs(temperature=3)
