@@ -51,7 +51,7 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
 def worker_fn(config: dict, sink_cls=tc.RaySink) -> None:
     """Runs in every Ray Train worker: the library loop with a RaySink, then one final report (all ranks)."""
     cfg = BaseTrainConfig.from_dict(config["cfg"])
-    sink = sink_cls(config["run_name"], config["report_every"])
+    sink = sink_cls(config["run_name"], config["report_every"], config.get("ray_data_actors", 0))
     sink.report_final(train(cfg, sink))
 
 
@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         if cluster.num_workers == 0:
             result = train(cfg)
         else:
-            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every}
+            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every,
+                           "ray_data_actors": cluster.ray_data_actors}
             result = tc.run_trainer(worker_fn, loop_config, cluster, use_gpu, run_name).metrics
     except NanochatError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,6 +48,7 @@ class ClusterArgs:
     name: str | None = None  # Ray run name; resubmitting with the same name resumes (default base_train-<tag>)
     report_every: int = 10  # ray.train.report every N steps (a barrier across workers)
     address: str | None = None  # Ray address to connect to (default: RAY_ADDRESS, else a local cluster)
+    ray_data_actors: int = 0  # >0: feed each worker from a Ray Data tokenizer pool of this many actors
 
 
 def _flag_type(annotation):
@@ -84,6 +85,8 @@ def add_cluster_flags(parser: argparse.ArgumentParser):
     g.add_argument("--name", type=str, default=None, help="Ray run name; the same name resumes the run")
     g.add_argument("--report-every", type=int, default=10, help="ray.train.report every N steps")
     g.add_argument("--address", type=str, default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    g.add_argument("--ray-data-actors", type=int, default=0,
+                   help="tokenize on Ray Data with this many actors per worker (0 = each worker reads parquet itself)")
 
 
 def split_args(ns: argparse.Namespace, config_cls):
@@ -99,6 +102,8 @@ def validate_cluster(cluster: ClusterArgs):
         raise NanochatError(f"--num-workers must be >= 0 (got {cluster.num_workers})")
     if cluster.min_workers != -1 and not 1 <= cluster.min_workers <= cluster.num_workers:
         raise NanochatError(f"--min-workers must be between 1 and --num-workers {cluster.num_workers}")
+    if cluster.ray_data_actors < 0:
+        raise NanochatError(f"--ray-data-actors must be >= 0 (got {cluster.ray_data_actors})")
     if cluster.report_every < 1:
         raise NanochatError(f"--report-every must be >= 1 (got {cluster.report_every})")
     if cluster.max_failures < -1:
@@ -155,13 +160,13 @@ class RaySink(TrainSink):
 
     MARKER = "nanochat_checkpoint.json"
 
-    def __init__(self, run_name: str, report_every: int):
+    def __init__(self, run_name: str, report_every: int, ray_data_actors: int = 0):
         import ray.train
 
         self.ray_train = ray.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.run_name, self.report_every = run_name, report_every
+        self.run_name, self.report_every, self.ray_data_actors = run_name, report_every, ray_data_actors
         self.gauges = _make_gauges(run_name) if self.rank == 0 else None
         self.t_start = time.time()
         self.first_step_reported = False
@@ -198,7 +203,13 @@ class RaySink(TrainSink):
         return {"launcher": {"kind": "ray", "ray_run_name": self.run_name}}
 
     def train_loader(self, cfg, tokenizer, device, resume_state):
-        return None  # the library's parquet loader (each rank reads its own row groups)
+        """Ray Data pipeline (same batches and resume states as the library loader), or None for the library's."""
+        if self.ray_data_actors <= 0:
+            return None
+        from ray_jobs.data_pipeline import make_batch_iterator
+
+        return make_batch_iterator(tokenizer, cfg.device_batch_size, cfg.max_seq_len, split="train", device=device,
+                                   resume_state=resume_state, num_tokenizer_actors=self.ray_data_actors)
 
     # ---- reporting
 
@@ -207,7 +218,8 @@ class RaySink(TrainSink):
             _set_gauges(self.gauges, metrics)
         if not self.first_step_reported:
             self.first_step_reported = True
-            metrics = {**metrics, "time_to_first_step_s": time.time() - self.t_start}
+            self.first_step_time = time.time()  # wall clock: the driver subtracts its own start time
+            metrics = {**metrics, "time_to_first_step_s": self.first_step_time - self.t_start}
         if step % self.report_every == 0:
             self.ray_train.report(_plain(metrics))
 
@@ -219,7 +231,7 @@ class RaySink(TrainSink):
 
     def report_final(self, result: dict) -> None:
         """The run's summary, attached to a pointer to its final checkpoint (Result.metrics = this report)."""
-        metrics = {"final": True, **result}
+        metrics = {"final": True, **result, "first_step_unix_time": getattr(self, "first_step_time", None)}
         self._report_pointer(result["step"], result["checkpoint_dir"], metrics, f"final_{result['step']:06d}")
 
     def _report_pointer(self, step: int, checkpoint_dir: str, metrics: dict, name: str) -> None:
@@ -337,7 +349,8 @@ def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: boo
     cpus = cluster.cpus_per_worker
     if cpus <= 0:
         total = ray.cluster_resources().get("CPU", 1)
-        cpus = 4 if use_gpu else max(1, int(total // max(cluster.num_workers, 1)))
+        free = total - cluster.num_workers * cluster.ray_data_actors  # Ray Data actors need CPUs of their own
+        cpus = 4 if use_gpu else max(1, int(free // max(cluster.num_workers, 1)))
     resources = {"CPU": cpus}
     if use_gpu:
         resources["GPU"] = cluster.gpus_per_worker

@@ -168,9 +168,12 @@ def test_synthetic_rows_do_not_depend_on_world_size():
     r0 = synthetic_loader(2, 8, 100, seed=1, rank=0, world=2, device="cpu")
     r1 = synthetic_loader(2, 8, 100, seed=1, rank=1, world=2, device="cpu")
     assert torch.equal(rows_1, torch.cat([next(r0)[0], next(r1)[0]]))
-    # resuming from a yielded state replays that batch
-    x, _, state = next(r0)
-    assert torch.equal(next(synthetic_loader(2, 8, 100, 1, 0, 2, "cpu", state))[0], x)
+    # resuming from a yielded state continues with the next batch, for any world size
+    _, _, state = next(r0)
+    x_next = next(r0)[0]
+    assert torch.equal(next(synthetic_loader(2, 8, 100, 1, 0, 2, "cpu", state))[0], x_next)
+    x_one = next(synthetic_loader(4, 8, 100, 1, 0, 1, "cpu", {"ranks": [state, state]}))[0]
+    assert torch.equal(x_one[:2], x_next)
 
 
 def test_resume_is_exact(base_dir):
@@ -195,3 +198,12 @@ def test_val_bpb_and_step_line(base_dir, capsys):
     assert "step 00002/00003 (66.67%) | loss: " in out and "| bf16_mfu: " in out and "| tok/sec: " in out
     assert result["val_bpb"] == pytest.approx(math.log2(512), rel=0.05)  # random tokens: ~9 bits per token
     assert result["mfu"] > 0  # CPU MFU against the measured peak, not 0
+
+
+@pytest.mark.slow  # the wandb service process takes tens of seconds to start on a loaded 2-core machine
+def test_wandb_offline_run_is_written_by_rank0(base_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # real wandb client, no account, no network
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train(tiny_cfg(run="unit-run", num_iterations=1, eval_every=1))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(p.suffix == ".wandb" for p in runs[0].iterdir())

@@ -1,0 +1,126 @@
+"""
+Training throughput: the same config (a) in-process, (b) TorchTrainer with 1 worker, (c) TorchTrainer with 2
+workers, plus Ray's start-up time to the first step, and optionally upstream nanochat's base_train on the same data.
+
+    python -m bench.bench_train                                  # depth 2, T 128, 20 steps on the sample corpus
+    python -m bench.bench_train --upstream /tmp/upstream         # also run upstream scripts.base_train (its checkout)
+    python -m bench.bench_train --steps 30 --depth 4 --seq 256
+
+Data: the offline sample corpus and a 2048-token tokenizer in --base-dir (prepared on first use). Throughput is the
+mean tok/s over the steps after the first two (warm-up). CPU MFU is against the measured fp32 matmul peak of the
+process (nanochat.common.cpu_peak_flops). (b) gets all CPUs in one worker (same threads as (a)); (c) splits them.
+Prints a table, then a JSON object as the last line.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+
+def prepare_base_dir(base_dir: str) -> None:
+    os.environ["NANOCHAT_BASE_DIR"] = base_dir
+    from nanochat import dataset
+    from ray_jobs import tok_train
+
+    if not os.path.exists(os.path.join(base_dir, "base_data_climbmix")):
+        dataset.download(source="sample", progress=False)
+    if not os.path.exists(os.path.join(base_dir, "tokenizer", "tokenizer.pkl")):
+        tokenizer, _ = tok_train.train(tok_train.TokTrainConfig(max_chars=3_000_000, vocab_size=2048))
+        tok_train.write_outputs(tokenizer, tok_train.get_tokenizer_dir())
+
+
+def config(args, tag: str):
+    from nanochat.train import BaseTrainConfig
+
+    return BaseTrainConfig(depth=args.depth, aspect_ratio=64, head_dim=64, max_seq_len=args.seq, window_pattern="L",
+                           num_iterations=args.steps, device_batch_size=args.batch, total_batch_size=args.total,
+                           eval_every=-1, core_metric_every=-1, sample_every=-1, save_every=-1, warmup_steps=5,
+                           model_tag=tag, device_type="cpu")
+
+
+def run_in_process(args) -> dict:
+    from nanochat.train import train
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        r = train(config(args, "bench_inproc"))
+    return {"tok_per_sec": r["tok_per_sec"], "mfu": r["mfu"]}
+
+
+def run_ray(args, num_workers: int, t_start: float) -> dict:
+    from ray_jobs import base_train
+    from ray_jobs import train_common as tc
+
+    cpus = max(1, (os.cpu_count() or 1) // num_workers)
+    cluster = tc.ClusterArgs(num_workers=num_workers, cpus_per_worker=cpus, max_failures=0, report_every=10,
+                             storage=os.path.join(os.environ["NANOCHAT_BASE_DIR"], "ray_runs"))
+    name = f"bench-{num_workers}w-{int(time.time())}"
+    cfg = config(args, f"bench_{num_workers}w")
+    t0 = time.time()
+    result = tc.run_trainer(base_train.worker_fn, {"cfg": cfg.to_dict(), "run_name": name, "report_every": 10},
+                            cluster, use_gpu=False, run_name=name)
+    m = result.metrics
+    return {"tok_per_sec": m["tok_per_sec"], "mfu": m["mfu"], "fit_s": time.time() - t0,
+            "first_step_s": m["first_step_unix_time"] - t_start}
+
+
+def run_upstream(args, upstream: str) -> dict:
+    """Upstream scripts.base_train (torch.compile on, as upstream always does) on the same base dir and flags."""
+    cmd = [sys.executable, "-m", "scripts.base_train", f"--depth={args.depth}", "--aspect-ratio=64", "--head-dim=64",
+           f"--max-seq-len={args.seq}", "--window-pattern=L", f"--device-batch-size={args.batch}",
+           f"--total-batch-size={args.total}", f"--num-iterations={args.steps}", "--eval-every=-1",
+           "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--warmup-steps=5",
+           "--model-tag=bench_upstream"]
+    env = {**os.environ, "PYTHONPATH": upstream}
+    proc = subprocess.run(cmd, cwd=upstream, env=env, capture_output=True, text=True, timeout=3600)
+    rates = [int(m.group(2).replace(",", "")) for m in re.finditer(r"step (\d+)/\d+ .*?tok/sec: ([\d,]+)", proc.stdout)
+             if int(m.group(1)) >= 2]
+    if proc.returncode != 0 or not rates:
+        return {"error": (proc.stderr or proc.stdout)[-500:]}
+    return {"tok_per_sec": sum(rates) / len(rates), "mfu": None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--total", type=int, default=2048, help="total batch size in tokens (must divide by 2 workers)")
+    p.add_argument("--base-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "nanochat-bench-train"))
+    p.add_argument("--upstream", default=None, help="path to an upstream nanochat checkout to compare with")
+    args = p.parse_args(argv)
+    os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+    prepare_base_dir(args.base_dir)
+
+    rows = {"in_process": run_in_process(args)}
+    t_start = time.time()  # Ray start-up (ray.init) counts towards (b)'s time to first step
+    rows["trainer_1_worker"] = run_ray(args, 1, t_start)
+    rows["trainer_2_workers"] = run_ray(args, 2, time.time())
+    if args.upstream:
+        rows["upstream_in_process"] = run_upstream(args, args.upstream)
+
+    base = rows["in_process"]["tok_per_sec"]
+    print(f"config: depth {args.depth}, T {args.seq}, B {args.batch}, total batch {args.total} tokens, "
+          f"{args.steps} steps, {os.cpu_count()} CPUs")
+    print(f"{'run':<22}{'tok/s':>10}{'vs (a)':>8}{'MFU %':>8}{'first step s':>14}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<22} error: {r['error'][-200:]}")
+            continue
+        mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
+        first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
+        print(f"{name:<22}{r['tok_per_sec']:>10.0f}{r['tok_per_sec'] / base:>8.2f}{mfu:>8}{first:>14}")
+    summary = {"config": vars(args), "results": rows,
+               "trainer_1w_vs_in_process": rows["trainer_1_worker"]["tok_per_sec"] / base,
+               "ray_start_to_first_step_s": rows["trainer_1_worker"]["first_step_s"]}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
