@@ -314,6 +314,19 @@ def fetch_shard(src, path, fetch=_http_fetch, max_attempts=5, backoff_s=2.0, tim
         raise FetchError(f"{src}: failed after {max_attempts} attempts, last error: {last}")
 
 
+def download_single_file(index, base_url=BASE_URL, data_dir=None, **kwargs):
+    """Upstream's helper: fetch shard `index` into the data dir; True on success (or already present)."""
+    data_dir = data_dir or get_data_dir()
+    os.makedirs(data_dir, exist_ok=True)
+    name = index_to_filename(index)
+    try:
+        fetch_shard(f"{base_url}/{name}", os.path.join(data_dir, name), **kwargs)
+        return True
+    except FetchError as e:
+        print(f"Failed to download {name}: {e}")
+        return False
+
+
 def fetch_shards(sources, data_dir, num_workers=4, fetch=_http_fetch, progress=True, **kwargs):
     """Fetch [(src, filename)] into data_dir in parallel. Returns (ok_paths, {filename: error message})."""
     from tqdm import tqdm

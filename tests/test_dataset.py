@@ -101,6 +101,13 @@ def test_http_permanent_failure_is_reported_and_nothing_partial_remains(base_dir
     assert len(dataset.list_parquet_files()) == 4
 
 
+def test_upstream_download_single_file(base_dir, served):
+    served.fail("shard_00002.parquet", "500*")
+    assert dataset.download_single_file(3, base_url=served.base_url, backoff_s=0.01)
+    assert not dataset.download_single_file(2, base_url=served.base_url, max_attempts=2, backoff_s=0.01)
+    assert listing(base_dir / "base_data_climbmix") == ["shard_00003.parquet"]
+
+
 def test_broken_local_shard_is_replaced(base_dir, served):
     data_dir = base_dir / "base_data_climbmix"
     data_dir.mkdir()
