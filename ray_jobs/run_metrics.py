@@ -69,8 +69,8 @@ def _num(v):
 class MetricsSink(tc.RaySink):
     """RaySink that also keeps the per-step metrics log (rank 0 only)."""
 
-    def __init__(self, run_name: str, report_every: int, metrics_file: str | None = None):
-        super().__init__(run_name, report_every)
+    def __init__(self, *args, metrics_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.log = MetricsLog(metrics_file) if (metrics_file and self.rank == 0) else None
 
     def resume_step(self, checkpoint_dir: str) -> int | None:

@@ -23,6 +23,7 @@ chatsft_checkpoints/<tag>/, chat_eval/, chatrl_checkpoints/, and report.md + rep
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -292,9 +293,11 @@ class Pipeline:
             if n < 1:
                 raise NanochatError("ray.num_workers=-1 means one worker per GPU, but the cluster has no GPUs; "
                                     "start GPU nodes or pass --num-workers N (CPU workers)")  # fmt: skip
-        return tc.ClusterArgs(num_workers=n, use_gpu=str(r["use_gpu"]), cpus_per_worker=float(r["cpus_per_worker"]),
-                              max_failures=int(r["max_failures"]), report_every=int(r["report_every"]),
-                              name=name)  # fmt: skip
+        kw = dict(num_workers=n, use_gpu=str(r["use_gpu"]), cpus_per_worker=float(r["cpus_per_worker"]),
+                  max_failures=int(r["max_failures"]), report_every=int(r["report_every"]), name=name,
+                  ray_data_actors=int(r.get("ray_data_actors", 0)))  # fmt: skip
+        known = {f.name for f in dataclasses.fields(tc.ClusterArgs)}
+        return tc.ClusterArgs(**{k: v for k, v in kw.items() if k in known})
 
     def _fit(self, module, cfg, stage: str, name: str) -> dict:
         """prepare -> TorchTrainer.fit with the metrics-logging sink; returns the loop's final result dict."""
@@ -305,7 +308,8 @@ class Pipeline:
         cfg, use_gpu, run_name = module.prepare(cfg, cluster)
         sink = functools.partial(run_metrics.MetricsSink, metrics_file=run_metrics.metrics_path(self.base_dir, stage))
         worker = functools.partial(module.worker_fn, sink_cls=sink)
-        loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every}
+        loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every,
+                       "ray_data_actors": getattr(cluster, "ray_data_actors", 0)}  # fmt: skip
         log(f"{stage}: Ray Train run {run_name!r}, {cluster.num_workers} worker(s), gpu={use_gpu}")
         return tc.run_trainer(worker, loop_config, cluster, use_gpu, run_name).metrics
 
@@ -475,11 +479,12 @@ class Pipeline:
 
 def _call_entry(main, argv: list[str]) -> dict:
     """Call a ray_jobs entry point's main(argv) in this process; its exit-2 user errors become NanochatError."""
-    log(f"  {main.__module__} {' '.join(argv)}")
+    name = getattr(main, "__wrapped__", main).__module__
+    log(f"  {name} {' '.join(argv)}")
     try:
         return main(argv)
     except SystemExit as e:
-        raise NanochatError(f"{main.__module__} failed (exit status {e.code}); see the message above") from None
+        raise NanochatError(f"{name} failed (exit status {e.code}); see the message above") from None
 
 
 # -----------------------------------------------------------------------------
