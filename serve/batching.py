@@ -22,17 +22,18 @@ Batch invariance (batched == alone, bit for bit, for the same seed). On CPU floa
   - MKL's sgemm gives different roundings for the same row depending on the number of rows M (M=1 is a gemv,
     M=2..3 another kernel, and rows in a partial tail tile differ again); with M a multiple of 8 every row's result
     was identical for all M and all row positions (measured on AVX-512, 1 and 2 threads).
-  - Attention over a row's cache differs with the key length Tk (masked extra keys change reduction blocking), and
-    PyTorch's CPU flash-attention kernel with more than one thread also depends on the batch size. The math SDPA
-    backend with a fixed Tk is exact.
+  - Attention over rows at different positions (the masked SDPA path in nanochat.flash_attention) depends on the
+    key length Tk = the longest row, and PyTorch's CPU flash-attention kernel with more than one thread also
+    depends on the batch size.
 So with `batch_invariant=True` (default on CPU) the decode batch is padded with dummy rows to a multiple of
-`row_multiple` (8) rows, one dummy row is always parked at the LAST cache position (so every row's attention spans
-the same Tk = the whole cache, masked per row), and decode runs under the math SDPA backend. Prefill needs nothing:
-it always runs alone. Cost: attention reads the full cache each step and up to 7 dummy rows (cheap for small
-models; turn it off on GPUs, where cuBLAS/FA3 give no such guarantee anyway). The invariance is checked by
-tests/test_serve_batching.py on the machine that runs the tests.
-Tokens are not bit-identical to nanochat.engine.Engine (whose batch-1 decode uses the gemv and unmasked kernels);
-what is guaranteed is that a request's tokens do not depend on what else is in the batch.
+`row_multiple` (8) rows, and decode attention runs ROW BY ROW: each real row calls the library's
+flash_attn_with_kvcache on its own (batch 1, its own length), exactly the call it gets when it is alone; dummy rows
+skip attention. The switch is a thread-local dispatcher installed on nanochat.flash_attention.flash_attn (other
+threads and every other caller are untouched). Prefill needs nothing: it always runs alone. Cost: up to 7 dummy rows
+in the matmuls and one small attention call per row and layer (cheap for small models; turn it off on GPUs, where
+cuBLAS/FA3 give no such guarantee anyway). tests/test_serve_batching.py checks the invariance on the test machine.
+Tokens are not bit-identical to nanochat.engine.Engine (whose batch-1 decode matmuls use the gemv kernel); what is
+guaranteed is that a request's tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from nanochat import flash_attention
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.engine import Engine, KVCache, RowState, sample_next_token
 
@@ -124,6 +125,35 @@ class _RowsView:
         self.cache_seqlens += num_tokens
 
 
+# Row-by-row decode attention (batch-invariant mode). A dispatcher replaces flash_attn.flash_attn_with_kvcache once;
+# it defers to the original unless THIS thread is inside a batch-invariant decode step (_tls.rows is set).
+_tls = threading.local()
+_original_attn = None
+_install_lock = threading.Lock()
+
+
+def _rowwise_dispatch(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False, window_size=(-1, -1)):
+    rows = getattr(_tls, "rows", None)
+    if rows is None:
+        return _original_attn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal,
+                              window_size=window_size)
+    out = torch.zeros_like(q)  # (B, T, H, D); dummy rows keep zeros, their outputs are never used
+    for b in rows:
+        one = slice(b, b + 1)
+        out[one] = _original_attn(q[one], k_cache[one], v_cache[one], k=None if k is None else k[one],
+                                  v=None if v is None else v[one], cache_seqlens=cache_seqlens[one], causal=causal,
+                                  window_size=window_size)
+    return out
+
+
+def _install_rowwise_attention():
+    global _original_attn
+    with _install_lock:
+        if _original_attn is None:
+            _original_attn = flash_attention.flash_attn.flash_attn_with_kvcache
+            flash_attention.flash_attn.flash_attn_with_kvcache = _rowwise_dispatch
+
+
 def _sample(logits: torch.Tensor, seq: Sequence) -> int:
     """logits (1, vocab) -> token id, drawing from the request's own generator."""
     p = seq.params
@@ -156,9 +186,10 @@ class BatchScheduler:
         self.max_seq_len = max_seq_len or model.config.sequence_len  # prompt + generated tokens per request
         self.batch_invariant = (self.device.type == "cpu") if batch_invariant is None else batch_invariant
         self.row_multiple = row_multiple if self.batch_invariant else 1
-        rows = max_batch_size + 1  # +1: a dummy row parked at the last position (batch-invariant mode)
-        rows = -(-rows // self.row_multiple) * self.row_multiple
-        self.capacity = self.max_seq_len + 1  # the parked row sits at capacity - 1, beyond every real row
+        if self.batch_invariant:
+            _install_rowwise_attention()
+        rows = -(-max_batch_size // self.row_multiple) * self.row_multiple
+        self.capacity = self.max_seq_len
         cfg = model.config
         self._kv = dict(num_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer,
                         device=self.device, dtype=COMPUTE_DTYPE)
@@ -226,7 +257,8 @@ class BatchScheduler:
             waiting = len(self.waiting)
         return {**self.stats, "running": self.num_running(), "waiting": waiting, "max_batch_size": self.max_batch_size,
                 "max_waiting": self.max_waiting, "max_seq_len": self.max_seq_len, "batch_invariant": self.batch_invariant,
-                "device": str(self.device), "thread_alive": self.is_alive()}
+                "device": str(self.device), "thread_alive": self.is_alive(),
+                "process_cpu_s": time.process_time()}  # lets benchmarks count tokens per CPU-second
 
     def start(self):
         """Run step() in a daemon thread until stop()."""
@@ -297,24 +329,22 @@ class BatchScheduler:
         return admitted
 
     def _decode(self, running: list[Sequence]):
-        high = max(s.slot for s in running)
-        m = high + 1
-        if self.batch_invariant:  # pad with dummy rows (see the module docstring)
-            m = -(-(high + 2) // self.row_multiple) * self.row_multiple
+        m = max(s.slot for s in running) + 1
+        m = -(-m // self.row_multiple) * self.row_multiple  # batch-invariant: a multiple of 8 rows (see above)
         tokens = torch.zeros(m, 1, dtype=torch.long)
         active = torch.zeros(m, dtype=torch.bool)
         for s in running:
             tokens[s.slot, 0] = s.last_token
             active[s.slot] = True
         lens = self.cache.cache_seqlens[:m]
-        # Dummy rows: parked at the last position (batch-invariant) or at 0; their outputs are never used.
-        lens[~active.to(lens.device)] = self.capacity - 1 if self.batch_invariant else 0
+        lens[~active.to(lens.device)] = 0  # dummy rows (free slots, padding): outputs unused
         view = _RowsView(self.cache, m)
         if self.batch_invariant:
-            with sdpa_kernel(SDPBackend.MATH):
-                logits = self.model.forward(tokens.to(self.device), kv_cache=view)[:, -1, :]  # (m, vocab)
-        else:
-            logits = self.model.forward(tokens.to(self.device), kv_cache=view)[:, -1, :]
+            _tls.rows = sorted(s.slot for s in running)
+        try:
+            logits = self.model.forward(tokens.to(self.device), kv_cache=view)[:, -1, :]  # (m, vocab)
+        finally:
+            _tls.rows = None
         self.cache.prev_embedding[:m] = view.prev_embedding
         self.stats["decode_steps"] += 1
         for s in running:

@@ -102,17 +102,30 @@ def test_eight_concurrent_requests_equal_each_alone(tiny, threads, num_threads):
     assert alone[1] != alone[2]
 
 
-def test_batch_invariant_mode_pads_rows_and_parks_a_row(tiny):
+def test_batch_invariant_mode_pads_rows_and_attends_row_by_row(tiny, monkeypatch):
+    from nanochat import flash_attention
+    from serve import batching
+
     model, tok, _ = tiny
     sched = BatchScheduler(model, tok, max_batch_size=5, max_seq_len=100)
-    assert sched.batch_invariant and sched.cache.batch_size % 8 == 0 and sched.capacity == 101
+    assert sched.batch_invariant and sched.cache.batch_size == 8 and sched.capacity == 100
+    assert flash_attention.flash_attn.flash_attn_with_kvcache is batching._rowwise_dispatch
+    calls, original = [], batching._original_attn
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.size(0))
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "_original_attn", spy)
     prompts = _prompts(tok, 2)
     for p in prompts:
         sched.submit(p, SamplingParams(max_tokens=5, temperature=0.0))
-    sched.step()
+    calls.clear()
+    sched.step()  # 2 prefills (batch 1, whole prompt) + one decode step of 8 rows, attention row by row
+    n_layer = model.config.n_layer
+    assert calls == [1] * n_layer * 2 + [1] * n_layer * 2
     lens = sched.cache.cache_seqlens[:8].tolist()
-    assert lens[0] == len(prompts[0]) + 1 and lens[1] == len(prompts[1]) + 1
-    assert lens[2:] == [sched.capacity] * 6  # parked at capacity - 1, then advanced by the step
+    assert lens[:2] == [len(prompts[0]) + 1, len(prompts[1]) + 1] and lens[2:] == [1] * 6  # dummies: 0 + 1
 
 
 def test_row_stops_at_context_and_prompt_too_long(tiny):
