@@ -6,8 +6,9 @@ workers, plus Ray's start-up time to the first step, and optionally upstream nan
     python -m bench.bench_train --upstream /tmp/upstream         # also run upstream scripts.base_train (its checkout)
     python -m bench.bench_train --steps 30 --depth 4 --seq 256
 
-Data: the offline sample corpus and a 2048-token tokenizer in --base-dir (prepared on first use). Throughput is the
-mean tok/s over the steps after the first two (warm-up). CPU MFU is against the measured fp32 matmul peak of the
+Data: the offline sample corpus and a 2048-token tokenizer in --base-dir (prepared on first use). Throughput is
+total batch / MEDIAN step time over the steps after the first two (warm-up; the median resists bursts of load from
+other processes on a shared machine). CPU MFU is against the measured fp32 matmul peak of the
 process (nanochat.common.cpu_peak_flops). (b) gets all CPUs in one worker (same threads as (a)); (c) splits them.
 Prints a table, then a JSON object as the last line.
 """
@@ -18,6 +19,7 @@ import io
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +51,15 @@ def run_in_process(args) -> dict:
 
     with contextlib.redirect_stdout(io.StringIO()):
         r = train(config(args, "bench_inproc"))
-    return {"tok_per_sec": r["tok_per_sec"], "mfu": r["mfu"]}
+    return rates(r, args.total)
+
+
+def rates(r: dict, total_batch: int) -> dict:
+    """tok/s and MFU from the median step time (steps after the first two)."""
+    dt = statistics.median(r["step_times"][2:])
+    tok = total_batch / dt
+    return {"tok_per_sec": tok, "mfu": 100 * r["flops_per_token"] * tok / (r["peak_flops"] * r["world_size"]),
+            "threads_peak_flops": r["peak_flops"]}
 
 
 def run_ray(args, num_workers: int, t_start: float) -> dict:
@@ -65,8 +75,7 @@ def run_ray(args, num_workers: int, t_start: float) -> dict:
     result = tc.run_trainer(base_train.worker_fn, {"cfg": cfg.to_dict(), "run_name": name, "report_every": 10},
                             cluster, use_gpu=False, run_name=name)
     m = result.metrics
-    return {"tok_per_sec": m["tok_per_sec"], "mfu": m["mfu"], "fit_s": time.time() - t0,
-            "first_step_s": m["first_step_unix_time"] - t_start}
+    return {**rates(m, args.total), "fit_s": time.time() - t0, "first_step_s": m["first_step_unix_time"] - t_start}
 
 
 def run_upstream(args, upstream: str) -> dict:
@@ -78,16 +87,16 @@ def run_upstream(args, upstream: str) -> dict:
            "--model-tag=bench_upstream"]
     env = {**os.environ, "PYTHONPATH": upstream}
     proc = subprocess.run(cmd, cwd=upstream, env=env, capture_output=True, text=True, timeout=3600)
-    rates = [int(m.group(2).replace(",", "")) for m in re.finditer(r"step (\d+)/\d+ .*?tok/sec: ([\d,]+)", proc.stdout)
-             if int(m.group(1)) >= 2]
-    if proc.returncode != 0 or not rates:
+    dts = [float(m.group(2)) / 1000 for m in re.finditer(r"step (\d+)/\d+ .*?dt: ([\d.]+)ms", proc.stdout)
+           if int(m.group(1)) >= 2]
+    if proc.returncode != 0 or not dts:
         return {"error": (proc.stderr or proc.stdout)[-500:]}
-    return {"tok_per_sec": sum(rates) / len(rates), "mfu": None}
+    return {"tok_per_sec": args.total / statistics.median(dts), "mfu": None}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
@@ -100,6 +109,12 @@ def main(argv=None):
 
     rows = {"in_process": run_in_process(args)}
     t_start = time.time()  # Ray start-up (ray.init) counts towards (b)'s time to first step
+    import ray
+
+    from ray_jobs import train_common as tc
+
+    # no dashboard: it would take the fixed port 8265 (other jobs may run Ray on this machine) and ~1.7 GB
+    ray.init(include_dashboard=False, runtime_env={"env_vars": tc.forwarded_env()})
     rows["trainer_1_worker"] = run_ray(args, 1, t_start)
     rows["trainer_2_workers"] = run_ray(args, 2, time.time())
     if args.upstream:

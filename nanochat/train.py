@@ -332,9 +332,11 @@ def synthetic_loader(B: int, T: int, vocab_size: int, seed: int, rank: int, worl
     """Yields (inputs, targets, state). Row g of the global stream is random tokens from generator seed+g.
 
     Micro-step k of rank r holds global rows [row0 + (k*W + r)*B, ... + B), so the rows of one optimizer step are
-    the same for (W workers, A accumulation steps) and (W*A workers, 1 step). state = {"row": the global row where
-    this batch's micro-step group starts}; resuming from it replays exactly this batch first.
+    the same for (W workers, A accumulation steps) and (W*A workers, 1 step). state = {"row": the global row after
+    this batch's micro-step group}; a loader resumed from it continues with the next batch (any world size).
     """
+    if state is not None and "ranks" in state:
+        state = state["ranks"][0]  # the position is global: every rank's entry holds the same row
     row0 = 0 if state is None else int(state["row"])
     gen = torch.Generator()
     k = 0
@@ -345,7 +347,8 @@ def synthetic_loader(B: int, T: int, vocab_size: int, seed: int, rank: int, worl
             gen.manual_seed(seed * 1_000_003 + group_row + rank * B + i)
             rows.append(torch.randint(0, vocab_size, (T + 1,), generator=gen))
         batch = torch.stack(rows).to(device)
-        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), {"row": group_row, "epoch": 1, "pq_idx": 0, "rg_idx": 0}
+        state = {"row": group_row + world * B, "epoch": 1, "pq_idx": 0, "rg_idx": 0}
+        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), state
         k += 1
 
 
@@ -534,12 +537,14 @@ class _Run:
             loop = meta["loop_state"]
             self.min_val_bpb = loop["min_val_bpb"]
             self.smooth_loss, self.total_time = loop["smooth_train_loss"], loop["total_training_time"]
+            # every rank's position when we wrote it (exact resume); upstream checkpoints only have rank 0's
             states = meta.get("dataloader_state_dicts")
-            same_world = states is not None and len(states) == self.world
-            data_state = states[self.rank] if same_world else meta.get("dataloader_state_dict")
+            data_state = {"ranks": states} if states else meta.get("dataloader_state_dict")
         self.train_loader, self.build_val_loader = _make_loaders(
             cfg, self.tokenizer, self.vocab_size, self.device, self.rank, self.world, data_state, self.sink)
         self.x, self.y, self.data_state = next(self.train_loader)  # kick off the first batch
+        # position after the last batch trained on: what a checkpoint records, so a resume continues right after it
+        self.consumed_state = data_state
         B, T = cfg.device_batch_size, cfg.max_seq_len
         print0(f"Tokens / micro-batch / rank: {B} x {T} = {B * T:,}")
         print0(f"Tokens / micro-batch: {B * T * self.world:,}")
@@ -601,10 +606,10 @@ class _Run:
         from nanochat.checkpoint_manager import save_checkpoint
 
         # every rank's data position, so a resume with the same world size continues each rank's own stream
-        states = [self.data_state]
+        states = [self.consumed_state]
         if self.ddp and is_ddp_initialized():
             states = [None] * self.world
-            dist.all_gather_object(states, self.data_state)
+            dist.all_gather_object(states, self.consumed_state)
         meta = {
             "step": self.step,
             "val_bpb": self.val_bpb,
@@ -613,7 +618,7 @@ class _Run:
             "device_batch_size": self.cfg.device_batch_size,
             "max_seq_len": self.cfg.max_seq_len,
             "total_batch_size": self.plan.total_batch_size,
-            "dataloader_state_dict": self.data_state,
+            "dataloader_state_dict": self.consumed_state,
             "loop_state": {"min_val_bpb": self.min_val_bpb, "smooth_train_loss": self.smooth_loss,
                            "total_training_time": self.total_time},
             "world_size": self.world,
@@ -642,6 +647,7 @@ class _Run:
             loss_sum += loss.detach()
             loss = loss / plan.grad_accum_steps  # each backward adds to .grad, so average here
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            self.consumed_state = self.data_state
             self.x, self.y, self.data_state = next(self.train_loader)  # prefetch while the device works
         lrm = lr_multiplier(self.step, plan.num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
         momentum = muon_momentum(self.step, plan.num_iterations, cfg.warmdown_ratio)
@@ -723,7 +729,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
     cfg.validate()
     run = _Run(cfg, sink)
     plan, start_step = run.plan, run.step
-    losses, tok_rates, mfus = [], [], []
+    losses, tok_rates, mfus, dts = [], [], [], []
     gc_was_enabled = gc.isenabled()
     try:
         while True:
@@ -745,6 +751,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
             losses.append((run.step, loss_f))
             tok_rates.append(metrics["train/tok_per_sec"])
             mfus.append(metrics["train/mfu"])
+            dts.append(dt)
             first_step_of_run = run.step == start_step
             run.step += 1
             run.sink.on_step(run.step, metrics)
@@ -774,6 +781,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         "total_batch_size": plan.total_batch_size, "grad_accum_steps": plan.grad_accum_steps,
         "world_size": run.world, "checkpoint_dir": run.checkpoint_dir, "losses": losses,
         "tok_per_sec": _mean(tok_rates[steady]), "mfu": _mean(mfus[steady]), "total_training_time": run.total_time,
+        "step_times": dts, "flops_per_token": plan.flops_per_token, "peak_flops": run.peak_flops,
     }  # fmt: skip
     compute_cleanup()
     return result

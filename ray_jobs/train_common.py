@@ -260,7 +260,8 @@ def own_complete_steps(checkpoint_dir: str, run_name: str) -> list[int]:
             meta = json.loads(storage.read_bytes(meta_path(checkpoint_dir, s)))
         except (OSError, ValueError, NanochatError):
             continue
-        if meta.get("launcher", {}).get("ray_run_name") == run_name:
+        launcher = meta.get("launcher")
+        if isinstance(launcher, dict) and launcher.get("ray_run_name") == run_name:
             steps.append(s)
     return steps
 
