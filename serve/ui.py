@@ -29,8 +29,8 @@ def _text(content) -> str:
     return ""
 
 
-def build_ui(client) -> gr.Blocks:
-    """client: serve.api.EngineClient."""
+def make_respond(client):
+    """The ChatInterface function: (message, history, temperature, top_k, max_tokens) -> growing reply text."""
 
     async def respond(message, history, temperature, top_k, max_tokens):
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in (history or [])
@@ -52,6 +52,13 @@ def build_ui(client) -> gr.Blocks:
                 yield "(empty reply)"
         except ApiError as e:
             yield NOT_READY if e.status == 503 else f"⚠️ {e.message}"
+
+    return respond
+
+
+def build_ui(client) -> gr.Blocks:
+    """client: serve.api.EngineClient."""
+    respond = make_respond(client)
 
     async def status():
         stats = await client.stats()

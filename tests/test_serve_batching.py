@@ -375,3 +375,53 @@ def test_serve_config_and_rayservice_agree_and_build():
     assert embedded["http_options"] == config["http_options"]
     with pytest.raises(ValueError, match="temperature"):
         ChatAppArgs(temperature=3)
+
+
+# -----------------------------------------------------------------------------
+# Front-end pieces that need no cluster: the UI's reply function and chat_web's flags
+
+
+def test_ui_says_clearly_when_the_engine_is_not_ready():
+    import asyncio
+
+    from serve.protocol import ApiError, Defaults
+    from serve.ui import NOT_READY, make_respond
+
+    class Client:
+        defaults = Defaults()
+
+        def __init__(self, events=None, error=None):
+            self._events, self._error = events or [], error
+            self.requests = []
+
+        async def events(self, req):
+            self.requests.append(req)
+            if self._error:
+                raise self._error
+            for ev in self._events:
+                yield ev
+
+    async def run(client, message="hi", history=()):
+        return [t async for t in make_respond(client)(message, list(history), 0.5, 10, 20)]
+
+    assert asyncio.run(run(Client(error=ApiError(503, "no replica")))) == [NOT_READY]
+    ok = Client(events=[{"type": "start"}, {"type": "delta", "text": "he"}, {"type": "delta", "text": "llo"},
+                        {"type": "end"}])
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]
+    assert asyncio.run(run(ok, history=history)) == ["he", "hello"]  # streamed: the text grows
+    req = ok.requests[0]
+    assert [m["content"] for m in req.messages] == ["a", "b", "hi"] and (req.temperature, req.top_k) == (0.5, 10)
+    assert "too long" in asyncio.run(run(ok, message="x" * 9000))[0]
+
+
+def test_chat_web_flags_map_to_app_args():
+    from serve.chat_web import app_args, parse_args
+
+    args = parse_args(["-n", "2", "-i", "rl", "-t", "0.5", "-k", "7", "-m", "99", "-p", "9000", "--host", "127.0.0.1"])
+    cfg = app_args(args, cluster_gpus=0)
+    assert (cfg.num_replicas, cfg.source, cfg.temperature, cfg.top_k, cfg.max_tokens) == (2, "rl", 0.5, 7, 99)
+    assert cfg.device_type == "cpu" and cfg.num_gpus_per_replica == 0 and args.port == 9000
+    gpu = app_args(parse_args(["--num-gpus", "8"]), cluster_gpus=8)
+    assert gpu.device_type == "cuda" and gpu.num_gpus_per_replica == 1 and gpu.num_replicas == 8
+    with pytest.raises(ValueError, match="has 4 GPUs"):
+        app_args(parse_args(["--num-replicas", "8", "--device-type", "cuda"]), cluster_gpus=4)

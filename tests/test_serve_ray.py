@@ -203,6 +203,17 @@ def test_client_disconnect_frees_the_batch_slot(server):
     _wait_for(freed, 15, "the disconnected request to leave its replica's batch")
 
 
+def test_chat_cli_talks_to_the_server(server):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "serve.chat_cli", "--url", server.url, "-p", "hello"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reply = out.stdout.split("Assistant: ", 1)[1]
+    assert reply.strip() and "<|" not in reply
+
+
 # -----------------------------------------------------------------------------
 # The UI
 
