@@ -98,6 +98,10 @@ def connect(
         return _info(address, started_here=False, seconds=0.0)
     check_reachable(address)
     kwargs = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    if env_vars:
+        # Under `ray job submit` the job already has a runtime env (working_dir, env_vars): merge ours into it
+        # instead of failing on keys both set (ours win: e.g. the resolved NANOCHAT_BASE_DIR).
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     if namespace:
         kwargs["namespace"] = namespace
     if address:

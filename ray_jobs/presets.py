@@ -8,9 +8,11 @@ and applies command-line overrides on top (`--set base_train.depth=6`, or shorth
 Sections (every key of every section can be overridden; unknown keys are rejected with the list of valid ones):
   data        where the pretraining shards come from (`nanochat.dataset.download`)
   tokenizer   `ray_jobs.tok_train` settings; eval=True also runs `ray_jobs.tok_eval`
-  base_train  any `nanochat.train.BaseTrainConfig` field
+  base_train  any `nanochat.train.BaseTrainConfig` field, plus time_budget_s / min_iterations / max_iterations:
+              with time_budget_s > 0 the driver times a few steps of the model on this machine and sets
+              num_iterations to fit the budget (CPU presets; an explicit num_iterations override wins)
   base_eval   `ray_jobs.base_eval` flags (eval modes, CORE examples per task, bpb tokens)
-  chat_sft    any field of the SFT config (`nanochat.sft`), when that stage exists
+  chat_sft    any `nanochat.sft.SFTConfig` field, plus the same time budget keys
   chat_eval   `ray_jobs.chat_eval` flags (tasks joined by |, problems per task, ...)
   chat_rl     any field of the RL config (`nanochat.rl`); enabled=False skips the stage
   ray         workers and resources: nodes x gpus_per_node (GPU presets) or num_workers (-1 = every GPU of the
@@ -83,11 +85,12 @@ def cpu() -> dict:
         tokenizer={"max_chars": 10_000_000, "vocab_size": 4096, "eval": True},
         base_train={"depth": 4, "head_dim": 64, "window_pattern": "L", "max_seq_len": 256, "device_batch_size": 16,
                     "total_batch_size": 4096, "num_iterations": 300, "eval_every": 50, "eval_tokens": 4096 * 8,
-                    "core_metric_every": -1, "sample_every": -1, "save_every": 100, "warmup_steps": 10,
-                    "embedding_lr": 0.3, "matrix_lr": 0.02},  # fmt: skip
+                    "core_metric_every": -1, "sample_every": -1, "save_every": 50, "warmup_steps": 10,
+                    "time_budget_s": 420, "min_iterations": 60, "max_iterations": 1500},  # fmt: skip
         base_eval={"eval": "bpb,sample", "device_batch_size": 16, "split_tokens": 4096 * 8},
         chat_sft={"mixture": "offline", "offline_size": 2000, "device_batch_size": 16, "max_seq_len": 256,
-                  "num_iterations": 150, "eval_every": -1, "eval_tokens": 4096 * 4, "chatcore_every": -1},
+                  "num_iterations": 150, "eval_every": -1, "eval_tokens": 4096 * 4, "chatcore_every": -1,
+                  "save_every": 50, "time_budget_s": 210, "min_iterations": 40, "max_iterations": 800},
         chat_eval={"tasks": "WordChoice|Arithmetic", "max_problems": 100, "max_new_tokens": 64, "batch_size": 16},
         ray=_ray(num_workers=1, report_every=10, eval_shards_per_task=2),
     )
@@ -98,9 +101,10 @@ def cpu_tiny() -> dict:
     p = cpu()
     p["tokenizer"].update(max_chars=1_000_000, vocab_size=512, eval=False)
     p["base_train"].update(depth=2, max_seq_len=64, device_batch_size=4, total_batch_size=512, num_iterations=12,
-                           eval_every=6, eval_tokens=512, save_every=4, warmup_steps=2)  # fmt: skip
+                           eval_every=6, eval_tokens=512, save_every=4, warmup_steps=2, time_budget_s=0)  # fmt: skip
     p["base_eval"].update(device_batch_size=4, split_tokens=512)
-    p["chat_sft"].update(device_batch_size=4, max_seq_len=128, num_iterations=6, eval_tokens=512, offline_size=200)
+    p["chat_sft"].update(device_batch_size=4, max_seq_len=128, num_iterations=6, eval_tokens=512, offline_size=200,
+                         save_every=-1, time_budget_s=0)  # fmt: skip
     p["chat_eval"].update(max_problems=4, max_new_tokens=8, batch_size=4)
     p["ray"].update(report_every=2, eval_shards_per_task=1, dashboard=False)
     return p
@@ -221,13 +225,15 @@ def known_keys(section: str) -> dict:
 
         from nanochat.train import BaseTrainConfig
 
-        return {f.name: f.default for f in fields(BaseTrainConfig)} | {"depths": "", "series": ""}
+        return {f.name: f.default for f in fields(BaseTrainConfig)} | {"depths": "", "series": "", "time_budget_s": 0.0,
+                                                                     "min_iterations": 1, "max_iterations": 10**9}
     if section in ("chat_sft", "chat_rl"):
         cls = _stage_config_class(section)
         if cls is not None:
             from dataclasses import MISSING, fields
 
-            return {f.name: (None if f.default is MISSING else f.default) for f in fields(cls)} | {"enabled": True}
+            return {f.name: (None if f.default is MISSING else f.default) for f in fields(cls)} | {
+                "enabled": True, "time_budget_s": 0.0, "min_iterations": 1, "max_iterations": 10**9}
         return {"enabled": True}
     if section == "chat_eval":
         return {"enabled": True}

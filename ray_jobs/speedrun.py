@@ -317,13 +317,16 @@ class Pipeline:
         from nanochat.train import BaseTrainConfig
         from ray_jobs import base_train
 
-        kw = {k: v for k, v in self.p["base_train"].items() if k not in ("depths", "series")}
+        kw = {k: v for k, v in self.p["base_train"].items() if k not in ("depths", "series", *BUDGET_KEYS)}
         if depth is not None:
             kw["depth"] = depth
             kw["model_tag"] = f"{self.p['base_train'].get('series', 'jan')}_miniseries_d{depth}"
             if not self.p.get("_explicit", {}).get("base_train.device_batch_size"):
                 kw["device_batch_size"] = P.miniseries_device_batch(depth)
         cfg = BaseTrainConfig(**kw)
+        calibrated = self._budget_iterations(stage, "base_train", cfg, cfg.total_batch_size)
+        if calibrated:
+            cfg.num_iterations = calibrated
         res = self._fit(base_train, cfg, stage, f"speedrun-{self.run['run_id']}-{stage}-{cfg.tag}")
         keep = ("step", "num_iterations", "start_step", "val_bpb", "min_val_bpb", "total_batch_size",
                 "grad_accum_steps", "world_size", "checkpoint_dir", "tok_per_sec", "mfu", "total_training_time")
@@ -334,6 +337,29 @@ class Pipeline:
         out["model_tag"] = cfg.tag
         out.update(self._model_numbers(cfg))
         return out
+
+    def _budget_iterations(self, stage: str, section: str, cfg, total_batch_size) -> int | None:
+        """Steps that fit the section's time_budget_s on this machine (CPU presets), or None to keep the config.
+
+        Measured once per run by timing a few optimizer steps of the real model shape in this process, and stored
+        in the base dir, so a resumed run keeps the same horizon (and LR schedule). An explicit num_iterations on
+        the command line wins."""
+        sec = self.p[section]
+        budget = float(sec.get("time_budget_s", 0) or 0)
+        if budget <= 0 or self.p.get("_explicit", {}).get(f"{section}.num_iterations"):
+            return None
+        path = storage.join(speedrun_dir(self.base_dir), "calibration", f"{stage}.json")
+        key = self.stage_hash(stage)
+        saved = read_json(path)
+        if saved and saved.get("hash") == key:
+            log(f"{stage}: time budget {budget:.0f}s -> {saved['num_iterations']} steps (measured earlier)")
+            return int(saved["num_iterations"])
+        step_s = measure_step_seconds(cfg, int(total_batch_size), int(self.p["ray"].get("num_workers", 1) or 1))
+        n = int(budget / step_s)
+        n = max(int(sec.get("min_iterations", 1)), min(int(sec.get("max_iterations", 10**9)), n))
+        write_json(path, {"hash": key, "num_iterations": n, "step_seconds": step_s, "budget_s": budget})
+        log(f"{stage}: time budget {budget:.0f}s, measured {step_s:.2f}s/step -> {n} steps")
+        return n
 
     def _model_numbers(self, cfg) -> dict:
         from nanochat.tokenizer import get_tokenizer
@@ -376,10 +402,17 @@ class Pipeline:
         from nanochat.sft import SFTConfig
         from ray_jobs import chat_sft
 
-        kw = {k: v for k, v in self.p["chat_sft"].items() if k != "enabled"}
+        kw = {k: v for k, v in self.p["chat_sft"].items() if k not in ("enabled", *BUDGET_KEYS)}
         kw.setdefault("model_tag", self.metric("base_train", "model_tag"))
         kw.setdefault("model_step", self.metric("base_train", "step"))
         cfg = SFTConfig(**kw)
+        base_bt = self.p["base_train"]
+        shape = _ShapeCfg(base_bt, cfg.max_seq_len or base_bt.get("max_seq_len"),
+                          cfg.device_batch_size or base_bt.get("device_batch_size"))  # fmt: skip
+        calibrated = self._budget_iterations("chat_sft", "chat_sft", shape,
+                                             cfg.total_batch_size or base_bt.get("total_batch_size"))  # fmt: skip
+        if calibrated:
+            cfg.num_iterations = calibrated
         res = self._fit(chat_sft, cfg, "chat_sft", f"speedrun-{self.run['run_id']}-chat_sft-{cfg.model_tag}")
         losses = res.get("losses") or []
         return {"step": res.get("step"), "start_step": res.get("start_step"), "val_bpb": res.get("val_bpb"),
@@ -475,6 +508,49 @@ class Pipeline:
         path = storage.join(speedrun_dir(self.base_dir), "miniseries_results.csv")
         storage.write_bytes(path, body.encode())
         log(f"miniseries results: {path}")
+
+
+BUDGET_KEYS = ("time_budget_s", "min_iterations", "max_iterations")
+
+
+class _ShapeCfg:
+    """The model/batch shape fields measure_step_seconds reads, for stages whose config is not a BaseTrainConfig."""
+
+    def __init__(self, base_train: dict, max_seq_len: int, device_batch_size: int):
+        from nanochat.train import BaseTrainConfig
+
+        known = {k: v for k, v in base_train.items() if k in BaseTrainConfig.__dataclass_fields__}
+        self.cfg = BaseTrainConfig(**{**known, "max_seq_len": max_seq_len, "device_batch_size": device_batch_size})
+
+    def __getattr__(self, name):
+        return getattr(self.cfg, name)
+
+
+def measure_step_seconds(cfg, total_batch_size: int, world_size: int, steps: int = 3) -> float:
+    """Wall seconds of one optimizer step (all micro-steps) of cfg's model shape on this machine's CPU."""
+    import torch
+
+    from nanochat.tokenizer import get_tokenizer
+    from nanochat.train import build_model_meta
+
+    vocab = get_tokenizer().get_vocab_size()
+    model = build_model_meta(cfg, vocab)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    opt = model.setup_optimizer()
+    B, T = cfg.device_batch_size, cfg.max_seq_len
+    accum = max(1, total_batch_size // (B * T * max(world_size, 1)))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (B, T), generator=gen)
+    times = []
+    for _ in range(steps):
+        t0 = time.time()
+        for _ in range(accum):
+            model(x, x).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        times.append(time.time() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]  # median without the first (allocation) step
 
 
 def _call_entry(main, argv: list[str]) -> dict:
