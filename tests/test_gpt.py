@@ -389,6 +389,18 @@ def test_softcap_cross_entropy_matches_autograd_chain(V, reduction):
     assert (g_out[targets == -1] == 0).all()
 
 
+def test_relu_square_is_bit_exact():
+    from nanochat.gpt import relu_square
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, 16, generator=g, requires_grad=True)
+    dy = torch.randn(x.shape, generator=g)
+    ref = torch.nn.functional.relu(x).square()
+    out = relu_square(x)
+    assert torch.equal(out, ref)
+    assert torch.equal(torch.autograd.grad(out, x, dy)[0], torch.autograd.grad(ref, x, dy)[0])
+
+
 # -----------------------------------------------------------------------------
 # Training and errors
 
