@@ -9,7 +9,10 @@ workers, plus Ray's start-up time to the first step, and optionally upstream nan
 Data: the offline sample corpus and a 2048-token tokenizer in --base-dir (prepared on first use). Throughput is
 total batch / MEDIAN step time over the steps after the first two (warm-up; the median resists bursts of load from
 other processes on a shared machine). CPU MFU is against the measured fp32 matmul peak of the
-process (nanochat.common.cpu_peak_flops). (b) gets all CPUs in one worker (same threads as (a)); (c) splits them.
+process (nanochat.common.cpu_peak_flops), so it is as noisy as the machine. Every run uses --threads torch threads
+per process (default 1: on a shared machine OpenMP threads that spin-wait for busy cores are several times slower
+than one thread), so (b) equals (a)'s resources and (c) uses twice the cores. `in_process_compiled` adds
+torch.compile, which upstream always uses, for the comparison with upstream.
 Prints a table, then a JSON object as the last line.
 """
 
@@ -37,37 +40,37 @@ def prepare_base_dir(base_dir: str) -> None:
         tok_train.write_outputs(tokenizer, tok_train.get_tokenizer_dir())
 
 
-def config(args, tag: str):
+def config(args, tag: str, compile: int = 0):
     from nanochat.train import BaseTrainConfig
 
     return BaseTrainConfig(depth=args.depth, aspect_ratio=64, head_dim=64, max_seq_len=args.seq, window_pattern="L",
                            num_iterations=args.steps, device_batch_size=args.batch, total_batch_size=args.total,
                            eval_every=-1, core_metric_every=-1, sample_every=-1, save_every=-1, warmup_steps=5,
-                           model_tag=tag, device_type="cpu")
+                           model_tag=tag, device_type="cpu", compile=compile)
 
 
-def run_in_process(args) -> dict:
+def run_in_process(args, compile: int = 0) -> dict:
+    import torch
+
     from nanochat.train import train
 
+    torch.set_num_threads(args.threads)
     with contextlib.redirect_stdout(io.StringIO()):
-        r = train(config(args, "bench_inproc"))
+        r = train(config(args, "bench_inproc", compile))
     return rates(r, args.total)
 
 
 def rates(r: dict, total_batch: int) -> dict:
-    """tok/s and MFU from the median step time (steps after the first two)."""
+    """tok/s from the median step time (steps after the first two); MFU is filled in by main()."""
     dt = statistics.median(r["step_times"][2:])
-    tok = total_batch / dt
-    return {"tok_per_sec": tok, "mfu": 100 * r["flops_per_token"] * tok / (r["peak_flops"] * r["world_size"]),
-            "threads_peak_flops": r["peak_flops"]}
+    return {"tok_per_sec": total_batch / dt, "flops_per_token": r["flops_per_token"], "world": r["world_size"]}
 
 
 def run_ray(args, num_workers: int, t_start: float) -> dict:
     from ray_jobs import base_train
     from ray_jobs import train_common as tc
 
-    cpus = max(1, (os.cpu_count() or 1) // num_workers)
-    cluster = tc.ClusterArgs(num_workers=num_workers, cpus_per_worker=cpus, max_failures=0, report_every=10,
+    cluster = tc.ClusterArgs(num_workers=num_workers, cpus_per_worker=args.threads, max_failures=0, report_every=10,
                              storage=os.path.join(os.environ["NANOCHAT_BASE_DIR"], "ray_runs"))
     name = f"bench-{num_workers}w-{int(time.time())}"
     cfg = config(args, f"bench_{num_workers}w")
@@ -85,13 +88,13 @@ def run_upstream(args, upstream: str) -> dict:
            f"--total-batch-size={args.total}", f"--num-iterations={args.steps}", "--eval-every=-1",
            "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--warmup-steps=5",
            "--model-tag=bench_upstream"]
-    env = {**os.environ, "PYTHONPATH": upstream}
+    env = {**os.environ, "PYTHONPATH": upstream, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, cwd=upstream, env=env, capture_output=True, text=True, timeout=3600)
     dts = [float(m.group(2)) / 1000 for m in re.finditer(r"step (\d+)/\d+ .*?dt: ([\d.]+)ms", proc.stdout)
            if int(m.group(1)) >= 2]
     if proc.returncode != 0 or not dts:
         return {"error": (proc.stderr or proc.stdout)[-500:]}
-    return {"tok_per_sec": args.total / statistics.median(dts), "mfu": None}
+    return {"tok_per_sec": args.total / statistics.median(dts)}
 
 
 def main(argv=None):
@@ -103,26 +106,42 @@ def main(argv=None):
     p.add_argument("--total", type=int, default=2048, help="total batch size in tokens (must divide by 2 workers)")
     p.add_argument("--base-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "nanochat-bench-train"))
     p.add_argument("--upstream", default=None, help="path to an upstream nanochat checkout to compare with")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (Ray: CPUs per worker)")
     args = p.parse_args(argv)
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")
     prepare_base_dir(args.base_dir)
 
     rows = {"in_process": run_in_process(args)}
+    if args.upstream:
+        rows["in_process_compiled"] = run_in_process(args, compile=1)
     t_start = time.time()  # Ray start-up (ray.init) counts towards (b)'s time to first step
     import ray
 
     from ray_jobs import train_common as tc
 
     # no dashboard: it would take the fixed port 8265 (other jobs may run Ray on this machine) and ~1.7 GB
-    ray.init(include_dashboard=False, runtime_env={"env_vars": tc.forwarded_env()})
+    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 2 * args.threads),
+             runtime_env={"env_vars": tc.forwarded_env()})
     rows["trainer_1_worker"] = run_ray(args, 1, t_start)
     rows["trainer_2_workers"] = run_ray(args, 2, time.time())
     if args.upstream:
         rows["upstream_in_process"] = run_upstream(args, args.upstream)
 
+    # One MFU denominator for every row: the peak measured once here with the same threads (a per-process
+    # measurement swings several-fold with the load of other processes on a shared machine).
+    import torch
+
+    from nanochat.common import cpu_peak_flops
+
+    torch.set_num_threads(args.threads)
+    peak = cpu_peak_flops(seconds=1.0)
+    for r in rows.values():
+        if "tok_per_sec" in r:
+            fpt = r.get("flops_per_token", rows["in_process"]["flops_per_token"])
+            r["mfu"] = 100 * fpt * r["tok_per_sec"] / (peak * r.get("world", 1))
     base = rows["in_process"]["tok_per_sec"]
     print(f"config: depth {args.depth}, T {args.seq}, B {args.batch}, total batch {args.total} tokens, "
-          f"{args.steps} steps, {os.cpu_count()} CPUs")
+          f"{args.steps} steps, {args.threads} thread(s) per process, {os.cpu_count()} CPUs")
     print(f"{'run':<22}{'tok/s':>10}{'vs (a)':>8}{'MFU %':>8}{'first step s':>14}")
     for name, r in rows.items():
         if "error" in r:
@@ -131,7 +150,7 @@ def main(argv=None):
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
         first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
         print(f"{name:<22}{r['tok_per_sec']:>10.0f}{r['tok_per_sec'] / base:>8.2f}{mfu:>8}{first:>14}")
-    summary = {"config": vars(args), "results": rows,
+    summary = {"config": vars(args), "results": rows, "peak_flops_per_process": peak,
                "trainer_1w_vs_in_process": rows["trainer_1_worker"]["tok_per_sec"] / base,
                "ray_start_to_first_step_s": rows["trainer_1_worker"]["first_step_s"]}
     print(json.dumps(summary))

@@ -30,6 +30,15 @@ from nanochat.train import (
 SCALING = {12: 110_100_912, 20: 435_160_240, 24: 729_810_624, 26: 918_423_532}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # torch's OpenMP threads spin while waiting; on a shared 2-core machine one thread is several times faster
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_cfg(**kw):
     base = dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=64, window_pattern="L", num_iterations=6,
                 device_batch_size=2, total_batch_size=256, eval_every=-1, eval_tokens=256, core_metric_every=-1,

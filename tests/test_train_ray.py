@@ -23,6 +23,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 10
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # torch's OpenMP threads spin while waiting; on a shared 2-core machine one thread is several times faster
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cfg_dict(tag, **kw):
     base = dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=64, window_pattern="L", num_iterations=STEPS,
                 device_batch_size=2, total_batch_size=256, eval_every=-1, eval_tokens=256, core_metric_every=-1,
@@ -76,7 +85,7 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3):
+def ray_cluster(s3, one_thread):
     import ray
     import ray.cloudpickle
 
