@@ -354,12 +354,27 @@ class Pipeline:
         if saved and saved.get("hash") == key:
             log(f"{stage}: time budget {budget:.0f}s -> {saved['num_iterations']} steps (measured earlier)")
             return int(saved["num_iterations"])
-        step_s = measure_step_seconds(cfg, int(total_batch_size), int(self.p["ray"].get("num_workers", 1) or 1))
+        step_s = self._measure_in_ray(cfg, int(total_batch_size))
         n = int(budget / step_s)
         n = max(int(sec.get("min_iterations", 1)), min(int(sec.get("max_iterations", 10**9)), n))
         write_json(path, {"hash": key, "num_iterations": n, "step_seconds": step_s, "budget_s": budget})
         log(f"{stage}: time budget {budget:.0f}s, measured {step_s:.2f}s/step -> {n} steps")
         return n
+
+    def _measure_in_ray(self, cfg, total_batch_size: int) -> float:
+        """measure_step_seconds in a Ray task shaped like one training worker (same CPUs, same niceness: Ray runs
+        workers at nice 15, so on a busy machine they are slower than this driver)."""
+        import ray
+
+        from nanochat.tokenizer import get_tokenizer
+
+        cluster = self._cluster_args("calibration")
+        cpus = cluster.cpus_per_worker
+        if cpus <= 0:
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cluster.num_workers, 1)))
+        task = ray.remote(measure_step_seconds).options(num_cpus=cpus, max_retries=0)
+        return float(ray.get(task.remote(cfg, total_batch_size, max(cluster.num_workers, 1),
+                                         vocab_size=get_tokenizer().get_vocab_size())))  # fmt: skip
 
     def _model_numbers(self, cfg) -> dict:
         from nanochat.tokenizer import get_tokenizer
@@ -407,7 +422,7 @@ class Pipeline:
         kw.setdefault("model_step", self.metric("base_train", "step"))
         cfg = SFTConfig(**kw)
         base_bt = self.p["base_train"]
-        shape = _ShapeCfg(base_bt, cfg.max_seq_len or base_bt.get("max_seq_len"),
+        shape = _shape_cfg(base_bt, cfg.max_seq_len or base_bt.get("max_seq_len"),
                           cfg.device_batch_size or base_bt.get("device_batch_size"))  # fmt: skip
         calibrated = self._budget_iterations("chat_sft", "chat_sft", shape,
                                              cfg.total_batch_size or base_bt.get("total_batch_size"))  # fmt: skip
@@ -513,27 +528,25 @@ class Pipeline:
 BUDGET_KEYS = ("time_budget_s", "min_iterations", "max_iterations")
 
 
-class _ShapeCfg:
-    """The model/batch shape fields measure_step_seconds reads, for stages whose config is not a BaseTrainConfig."""
+def _shape_cfg(base_train: dict, max_seq_len: int, device_batch_size: int):
+    """The base model's config with another sequence length / device batch (SFT's shape, for measure_step_seconds)."""
+    from nanochat.train import BaseTrainConfig
 
-    def __init__(self, base_train: dict, max_seq_len: int, device_batch_size: int):
-        from nanochat.train import BaseTrainConfig
-
-        known = {k: v for k, v in base_train.items() if k in BaseTrainConfig.__dataclass_fields__}
-        self.cfg = BaseTrainConfig(**{**known, "max_seq_len": max_seq_len, "device_batch_size": device_batch_size})
-
-    def __getattr__(self, name):
-        return getattr(self.cfg, name)
+    known = {k: v for k, v in base_train.items() if k in BaseTrainConfig.__dataclass_fields__}
+    return BaseTrainConfig(**{**known, "max_seq_len": max_seq_len, "device_batch_size": device_batch_size})
 
 
-def measure_step_seconds(cfg, total_batch_size: int, world_size: int, steps: int = 3) -> float:
+def measure_step_seconds(cfg, total_batch_size: int, world_size: int, steps: int = 4, vocab_size: int = 0) -> float:
     """Wall seconds of one optimizer step (all micro-steps) of cfg's model shape on this machine's CPU."""
     import torch
 
-    from nanochat.tokenizer import get_tokenizer
     from nanochat.train import build_model_meta
 
-    vocab = get_tokenizer().get_vocab_size()
+    if vocab_size <= 0:
+        from nanochat.tokenizer import get_tokenizer
+
+        vocab_size = get_tokenizer().get_vocab_size()
+    vocab = vocab_size
     model = build_model_meta(cfg, vocab)
     model.to_empty(device="cpu")
     model.init_weights()

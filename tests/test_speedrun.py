@@ -220,3 +220,34 @@ def test_cpu_tiny_rerun_skips_finished_stages_and_report_regenerates(tiny_run):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (base / "report.md").exists() and out.stdout.strip() == str(base / "report.md")
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_time_budget_sets_iterations_once_and_keeps_them(tiny_run, local_ray, monkeypatch):
+    base, _, _ = tiny_run
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))  # the run's tokenizer gives the vocab size
+    p = presets.get_preset("cpu-tiny")
+    p["_explicit"] = {}
+    p["base_train"].update(time_budget_s=3.0, min_iterations=5, max_iterations=10**6)
+    pipe = speedrun.Pipeline(str(base), p, {"run_id": "budget"}, None, set())
+    from nanochat.train import BaseTrainConfig
+
+    cfg = BaseTrainConfig(**{k: v for k, v in p["base_train"].items() if k not in speedrun.BUDGET_KEYS})
+    n = pipe._budget_iterations("base_train", "base_train", cfg, cfg.total_batch_size)  # timed in a Ray task
+    saved = json.loads((base / "speedrun" / "calibration" / "base_train.json").read_text())
+    assert n == saved["num_iterations"] >= 5 and saved["step_seconds"] > 0
+    assert n == max(5, int(3.0 / saved["step_seconds"]))
+    assert pipe._budget_iterations("base_train", "base_train", cfg, cfg.total_batch_size) == n  # kept on resume
+    p["_explicit"] = {"base_train.num_iterations": True}  # an explicit horizon wins over the budget
+    assert pipe._budget_iterations("base_train", "base_train", cfg, cfg.total_batch_size) is None
