@@ -30,7 +30,7 @@ PLOTS = (  # file stem, metrics kind, key, y label, title
     ("tok_per_sec", "train", "tok_per_sec", "tokens / s (all workers)", "Throughput"),
 )
 TRAIN_STAGES = ("base_train", "chat_sft", "chat_rl")
-SUMMARY_ROWS = ("CORE", "val bpb", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee",
+SUMMARY_ROWS = ("CORE", "val bpb (untrained)", "val bpb", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee",
                 "WordChoice", "Arithmetic", "ChatCORE")  # fmt: skip
 STAGE_TITLES = {"data": "Data", "tokenizer": "Tokenizer training", "tok_eval": "Tokenizer evaluation",
                 "base_train": "Base model training", "base_eval": "Base model evaluation", "chat_sft": "Chat SFT",
@@ -185,6 +185,7 @@ def summary_table(stages: dict) -> list[str]:
     cols = {"BASE": {}, "SFT": {}, "RL": {}}
     be = m("base_eval")
     cols["BASE"]["CORE"] = be.get("core_metric")
+    cols["BASE"]["val bpb (untrained)"] = m("base_train").get("initial_val_bpb")
     cols["BASE"]["val bpb"] = (be.get("bpb") or {}).get("val", m("base_train").get("min_val_bpb"))
     cols["SFT"]["val bpb"] = m("chat_sft").get("val_bpb")
     for col, stage in (("SFT", "chat_eval"), ("RL", "chat_eval_rl")):

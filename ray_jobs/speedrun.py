@@ -335,8 +335,17 @@ class Pipeline:
         out["first_loss"] = losses[0][1] if losses else None
         out["final_loss"] = losses[-1][1] if losses else None
         out["model_tag"] = cfg.tag
+        out["initial_val_bpb"] = self._first_val_bpb(stage)
         out.update(self._model_numbers(cfg))
         return out
+
+    def _first_val_bpb(self, stage: str):
+        """Val bpb of the untrained model (step 0), from the metrics log: the 'did it learn' baseline."""
+        from ray_jobs import run_metrics
+
+        recs = run_metrics.read_metrics(run_metrics.metrics_path(self.base_dir, stage))
+        vals = [r["val_bpb"] for r in recs if r["kind"] == "val" and r["step"] == 0]
+        return vals[0] if vals else None
 
     def _budget_iterations(self, stage: str, section: str, cfg, total_batch_size) -> int | None:
         """Steps that fit the section's time_budget_s on this machine (CPU presets), or None to keep the config.
@@ -431,6 +440,7 @@ class Pipeline:
         res = self._fit(chat_sft, cfg, "chat_sft", f"speedrun-{self.run['run_id']}-chat_sft-{cfg.model_tag}")
         losses = res.get("losses") or []
         return {"step": res.get("step"), "start_step": res.get("start_step"), "val_bpb": res.get("val_bpb"),
+                "initial_val_bpb": self._first_val_bpb("chat_sft"),
                 "min_val_bpb": res.get("min_val_bpb"), "chat_eval": res.get("chat_eval"),
                 "checkpoint_dir": res.get("checkpoint_dir"), "world_size": res.get("world_size"),
                 "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
