@@ -8,7 +8,7 @@ Default shape: depth 4 (dim 256, 2 heads of 128), T=512, vocab 4096, window patt
 Both implementations are loaded into this one process (upstream's `nanochat` package is imported after ours has
 been moved out of sys.modules; each keeps references to its own modules), built with the same seed, and their
 training steps are interleaved one by one (ABBA order), so a load spike on a shared machine hits both alike.
-Each step records wall time and process CPU time. The headline ratio uses median CPU time per step (tokens per
+Each step records wall time and process CPU time (split into forward+backward and optimizer). The headline ratio uses median CPU time per step (tokens per
 CPU-second), which other processes competing for the cores barely disturb; wall-clock best/median are shown
 too. tok/s uses the best wall step. MFU = FLOPs/token (GPT.estimate_flops) x tokens per CPU-second / matmul
 FLOPs per CPU-second (same thread count); "wall MFU" = best-step tok/s over nanochat.common.cpu_peak_flops()
@@ -84,10 +84,14 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: per-CPU-second numbers stay meaningful on a shared box)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow to warm up on CPU)")
+    parser.add_argument("--optim-compile", action="store_true",
+                        help="torch.compile our MuonAdamW kernels too (NANOCHAT_OPTIM_COMPILE=1; upstream always does)")
     args = parser.parse_args()
     if args.upstream and not os.path.isfile(os.path.join(args.upstream, "nanochat", "gpt.py")):
         raise SystemExit(f"--upstream {args.upstream}: no nanochat/gpt.py there (unpack nanochat@92d63d4 first)")
     os.environ["NANOCHAT_DTYPE"] = "float32"  # both packages read it at import
+    if args.optim_compile:
+        os.environ["NANOCHAT_OPTIM_COMPILE"] = "1"
 
     import torch
 
@@ -105,16 +109,19 @@ def main():
     runs = {}
     for name, gpt in modules.items():
         model, optimizer, flops = build(gpt, args)
-        runs[name] = dict(model=model, opt=optimizer, flops=flops, times=[], cpu_times=[], losses=[])
+        runs[name] = dict(model=model, opt=optimizer, flops=flops, times=[], cpu_times=[], phases=[], losses=[])
 
     def step(run):
         t0, c0 = time.perf_counter(), time.process_time()
         loss = run["model"](x, y)
         loss.backward()
+        c1 = time.process_time()
         run["opt"].step()
         run["model"].zero_grad(set_to_none=True)
         run["losses"].append(loss.item())
-        return time.perf_counter() - t0, time.process_time() - c0
+        c2 = time.process_time()
+        run["phases"].append((c1 - c0, c2 - c1))  # CPU seconds: (forward + backward, optimizer)
+        return time.perf_counter() - t0, c2 - c0
 
     warmup_s = {name: sum(step(run)[0] for _ in range(args.warmup)) for name, run in runs.items()}
     order = list(runs.values())
@@ -131,22 +138,25 @@ def main():
     print(f"depth {args.depth}, T {args.seq_len}, vocab {args.vocab}, batch {args.batch_size}, windows "
           f"{args.window_pattern}, {args.threads} threads, fp32, {'compiled' if args.compile else 'eager'}; "
           f"fp32 matmul peak {peak_cpu / 1e9:.1f} GFLOP per CPU-second ({peak / 1e9:.1f} GFLOP/s wall)")
-    print(f"{'impl':<10} {'best ms':>8} {'median ms':>10} {'cpu ms':>8} {'tok/s':>7} {'tok/cpu-s':>10} {'MFU %':>6} "
-          f"{'wall MFU %':>11} {'warmup s':>9} {'last loss':>10}")
+    print(f"{'impl':<10} {'best ms':>8} {'median ms':>10} {'cpu ms':>8} {'fwd+bwd':>8} {'optim':>6} {'tok/s':>7} "
+          f"{'tok/cpu-s':>10} {'MFU %':>6} {'wall MFU %':>11} {'warmup s':>9} {'last loss':>10}")
     result = {"bench": "model_train_cpu", "depth": args.depth, "seq_len": args.seq_len, "vocab": args.vocab,
               "batch_size": args.batch_size, "window_pattern": args.window_pattern, "threads": args.threads,
-              "compile": args.compile, "steps": args.steps, "cpu_peak_flops": round(peak),
+              "compile": args.compile, "optim_compile": args.optim_compile, "steps": args.steps, "cpu_peak_flops": round(peak),
               "cpu_time_peak_flops": round(peak_cpu)}
     for name, run in runs.items():
         best, med, cpu = min(run["times"]), median(run["times"]), median(run["cpu_times"])
+        fb, opt = median([p[0] for p in run["phases"]]), median([p[1] for p in run["phases"]])
         tok_s, tok_cpu_s = tokens / best, tokens / cpu
         mfu = run["flops"] * tok_cpu_s / peak_cpu  # CPU-time over CPU-time: load on the box cancels out
         mfu_wall = run["flops"] * tok_s / peak
-        print(f"{name:<10} {best * 1e3:>8.0f} {med * 1e3:>10.0f} {cpu * 1e3:>8.0f} {tok_s:>7.0f} {tok_cpu_s:>10.0f} "
+        print(f"{name:<10} {best * 1e3:>8.0f} {med * 1e3:>10.0f} {cpu * 1e3:>8.0f} {fb * 1e3:>8.0f} {opt * 1e3:>6.0f} "
+              f"{tok_s:>7.0f} {tok_cpu_s:>10.0f} "
               f"{100 * mfu:>6.1f} {100 * mfu_wall:>11.1f} {warmup_s[name]:>9.1f} {run['losses'][-1]:>10.4f}")
         result[name] = {"tok_per_s": round(tok_s, 1), "tok_per_cpu_s": round(tok_cpu_s, 1), "mfu": round(mfu, 4), "mfu_wall": round(mfu_wall, 4),
                         "best_step_ms": round(best * 1e3, 1), "median_step_ms": round(med * 1e3, 1),
-                        "median_cpu_ms": round(cpu * 1e3, 1), "last_loss": round(run["losses"][-1], 5)}
+                        "median_cpu_ms": round(cpu * 1e3, 1), "median_cpu_ms_fwd_bwd": round(fb * 1e3, 1),
+                        "median_cpu_ms_optim": round(opt * 1e3, 1), "last_loss": round(run["losses"][-1], 5)}
     if "upstream" in runs:
         ours, up = runs["ours"], runs["upstream"]
         ratios = {"ratio_ours_over_upstream": median(up["cpu_times"]) / median(ours["cpu_times"]),

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, print0
 from nanochat.flash_attention import flash_attn
+from nanochat.optim import MuonAdamW
 
 SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the normalized embedding
 VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
@@ -394,8 +395,6 @@ class GPT(nn.Module):
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                         scalar_lr=0.5):
         """MuonAdamW: AdamW for embeddings/lm_head/scalars, Muon for all block matrices (one group per shape)."""
-        from nanochat.optim import MuonAdamW  # imported here: the model itself does not need the optimizer
-
         C = self.config.n_embd
         dmodel_lr_scale = (C / 768) ** -0.5  # AdamW LRs were tuned at width 768
         print0(f"Scaling the LR for the AdamW parameters ∝1/√({C}/768) = {dmodel_lr_scale:.6f}")
