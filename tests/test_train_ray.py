@@ -93,8 +93,10 @@ def ray_cluster(s3, one_thread):
     env = {**s3.env, "NANOCHAT_DTYPE": "float32", "NANOCHAT_COLLECTIVE_TIMEOUT_S": "120"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the driver talks to the same S3 server; forwarded to workers by run_trainer
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
-    yield
+    port = _free_port()  # Prometheus export of this node's metrics (custom Gauges included)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 500})
+    yield port
     ray.shutdown()
     for k, v in saved.items():
         if v is None:
@@ -103,19 +105,52 @@ def ray_cluster(s3, one_thread):
             os.environ[k] = v
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scrape_gauges(port, found, stop):
+    """Poll the node's Prometheus endpoint while training runs; keep the nanochat_train_* samples seen."""
+    import time
+    import urllib.request
+
+    while not stop.is_set():
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            found.update(line.split("{")[0] for line in text.splitlines() if line.startswith("ray_nanochat_train_"))
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory):
     """Uninterrupted runs: 1 process with 2 accumulation steps, and TorchTrainer with 2 workers."""
+    import threading
+
     base = tmp_path_factory.mktemp("ref_base")
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    gauges, stop = set(), threading.Event()
+    scraper = threading.Thread(target=_scrape_gauges, args=(ray_cluster, gauges, stop), daemon=True)
     try:
         single = train(BaseTrainConfig(**cfg_dict("single")))
+        scraper.start()
         result = fit(cfg_dict("two"), "ref-two", storage=str(base / "ray_runs"))
     finally:
+        stop.set()
         os.environ.pop("NANOCHAT_BASE_DIR")
     two = result.metrics
     return {"single": single, "two": two, "single_model": final_model(single["checkpoint_dir"]),
-            "two_model": final_model(two["checkpoint_dir"])}
+            "two_model": final_model(two["checkpoint_dir"]), "gauges": gauges}
+
+
+def test_custom_metrics_reach_prometheus_export(reference):
+    want = {f"ray_{name}" for name in tc.GAUGES}  # tokens/s, MFU, loss, step
+    assert want <= reference["gauges"], reference["gauges"]
 
 
 def test_two_workers_equal_one_worker_with_accumulation(reference):
