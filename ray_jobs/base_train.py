@@ -13,7 +13,7 @@ wrote it. Checkpoints: <base dir>/base_checkpoints/<tag>/ (local or s3://); Ray 
 import argparse
 import sys
 
-from nanochat.common import NanochatError, print_banner
+from nanochat.common import NanochatError, print0, print_banner
 from nanochat.train import BaseTrainConfig, plan_for, train
 from ray_jobs import train_common as tc
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     except NanochatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Final: step {result.get('step')} | min val bpb {result.get('min_val_bpb')} | "
+    print0(f"Final: step {result.get('step')} | min val bpb {result.get('min_val_bpb')} | "
           f"checkpoints in {result.get('checkpoint_dir')}")
     return 0
 

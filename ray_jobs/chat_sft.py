@@ -13,7 +13,7 @@ restarted worker group or a resubmitted run (same --name) resumes from the newes
 import argparse
 import sys
 
-from nanochat.common import NanochatError
+from nanochat.common import NanochatError, print0
 from nanochat.sft import SFTConfig, sft
 from ray_jobs import train_common as tc
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     except NanochatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Final: step {result.get('step')} | val bpb {result.get('val_bpb')} | chat eval {result.get('chat_eval')} "
+    print0(f"Final: step {result.get('step')} | val bpb {result.get('val_bpb')} | chat eval {result.get('chat_eval')} "
           f"| checkpoints in {result.get('checkpoint_dir')}")
     return 0
 

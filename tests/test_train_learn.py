@@ -64,6 +64,7 @@ def test_pretraining_on_sample_corpus_lowers_val_bpb(pretrained):
     bpbs = [float(line.rsplit(":", 1)[1]) for line in log.splitlines() if "| Validation bpb:" in line]
     assert len(bpbs) == 3, log[-2000:]
     initial, final = bpbs[0], bpbs[-1]
+    print(f"\nval bpb: {' -> '.join(f'{b:.3f}' for b in bpbs)}")
     assert final < 0.8 * initial, f"val bpb {initial:.3f} -> {final:.3f}"
     assert result["min_val_bpb"] == pytest.approx(min(bpbs), abs=1e-6)
     assert "The capital of France is" in log  # samples printed at the last step
@@ -97,6 +98,7 @@ def test_sft_on_offline_tasks_beats_chance_on_held_out(pretrained):
     assert "Inherited max_seq_len=128 from pretrained checkpoint" in log
     assert "NOTE: --matrix-lr=0.06 overrides pretrained value of 0.16" in log
     accuracy = result["chat_eval"]
+    print(f"\nheld-out accuracy after SFT: {accuracy}")
     assert set(accuracy) == {"WordChoice", "Arithmetic"}
     # Held-out arithmetic through the calculator: chance (and the base model) is 0%
     assert accuracy["Arithmetic"] >= 0.3, accuracy
