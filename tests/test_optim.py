@@ -3,7 +3,8 @@
 MuonAdamW: AdamW against torch.optim.AdamW; both halves against upstream nanochat's golden run
 (tests/fixtures/upstream_optim.pt, written by dev/make_upstream_fixtures_optim.py) single-process, with the bf16
 Muon cast, and per rank at world size 2; a 2-rank torchrun step (gloo, native and fallback collectives) against
-single-process gradient accumulation on a tiny GPT; re-sharding 2 -> 1 and 1 -> 2 ranks; determinism.
+single-process gradient accumulation on a tiny GPT; re-sharding 2 -> 1 and 1 -> 2 ranks; determinism; the eager CPU
+kernels (chunked AdamW, in-place Muon) equal the reference kernels bit for bit.
 """
 
 import os
@@ -176,6 +177,68 @@ def test_compile_is_optional(monkeypatch):
     monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "1")
     assert MuonAdamW([group])._use_compile() is True
     assert MuonAdamW([group], compile=False)._use_compile() is False
+
+
+def _hyper(*values):
+    return [torch.tensor(float(v)) for v in values]
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_inplace_kernels_equal_reference_kernels_bitwise(monkeypatch, compute_dtype, param_dtype):
+    """The eager CPU kernels (chunked AdamW, in-place Muon) give exactly the reference kernels' bits."""
+    monkeypatch.setattr(optim_module, "COMPUTE_DTYPE", compute_dtype)
+    gen = torch.Generator().manual_seed(5)
+    # AdamW: several chunks with a ragged tail, one chunk, and a non-contiguous gradient (allocating fallback).
+    for shape, chunk, transpose_grad in (((300, 70), 4096, False), ((37,), 4096, False), ((24, 40), 256, True)):
+        tensors = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1,
+                   torch.randn(shape, generator=gen) * 0.01, torch.rand(shape, generator=gen) * 1e-3]
+        tensors = [t.to(param_dtype) for t in tensors]
+        if transpose_grad:
+            tensors[1] = tensors[1].t().contiguous().t()
+        ref, ours = [t.clone() for t in tensors], [t.clone() for t in tensors]
+        for step in (1, 2, 3):
+            hyper = _hyper(step, 0.01, 0.8, 0.95, 1e-10, 0.1)
+            optim_module.adamw_step_fused(*ref, *hyper)
+            optim_module.adamw_step_chunked(*ours, *hyper, scratch=torch.empty(chunk))
+        for a, b in zip(ref, ours):
+            assert a.dtype == b.dtype and torch.equal(a, b), (shape, chunk)
+    # Muon: square, tall and wide stacks; odd and even ns_steps (the polar buffers swap every iteration).
+    for (k, m, n), ns_steps in (((3, 32, 32), 5), ((2, 48, 16), 2), ((2, 16, 40), 5), ((1, 24, 20), 1)):
+        red_dim = -1 if m >= n else -2
+        second = (k, m, 1) if m >= n else (k, 1, n)
+        tensors = [torch.randn(k, m, n, generator=gen), torch.randn(k, m, n, generator=gen) * 0.05,
+                   torch.randn(k, m, n, generator=gen), torch.rand(second, generator=gen)]
+        tensors = [t.to(param_dtype) for t in tensors]
+        ref, ours = [t.clone() for t in tensors], [t.clone() for t in tensors]
+        for step in range(2):
+            grad = torch.randn(k, m, n, generator=gen).to(param_dtype)
+            hyper = _hyper(0.95, 0.02, 0.3, 0.9)
+            optim_module.muon_step_fused(grad.clone(), *ref[1:], *hyper, ns_steps, red_dim)
+            optim_module.muon_step_inplace(grad.clone(), *ours[1:], *hyper, ns_steps, red_dim)
+            for a, b in zip(ref[1:], ours[1:]):  # params and both moments (the grads are scratch)
+                assert torch.equal(a, b), ((k, m, n), ns_steps, step)
+
+
+def test_eager_cpu_step_avoids_the_allocating_kernels(monkeypatch):
+    """Default CPU runs take the in-place kernels (the reference ones allocate full-size temporaries per op)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("allocating reference kernel called on the eager CPU path")
+
+    monkeypatch.setattr(optim_module, "adamw_step_fused", refuse)
+    monkeypatch.setattr(optim_module, "muon_step_fused", refuse)
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE", raising=False)
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(200, 48, generator=gen)), torch.nn.Parameter(torch.randn(3, generator=gen))]
+    muon = [torch.nn.Parameter(torch.randn(16, 24, generator=gen)) for _ in range(2)]
+    opt = MuonAdamW([dict(kind="adamw", params=params, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
+                     dict(kind="muon", params=muon, lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.1)])
+    before = [p.detach().clone() for p in params + muon]
+    for p in params + muon:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params + muon, before))
 
 
 def test_bad_groups_raise_clear_errors():
