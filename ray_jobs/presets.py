@@ -88,7 +88,7 @@ def cpu() -> dict:
                     "core_metric_every": -1, "sample_every": -1, "save_every": 50, "warmup_steps": 10,
                     "time_budget_s": 420, "min_iterations": 60, "max_iterations": 1500},  # fmt: skip
         base_eval={"eval": "bpb,sample", "device_batch_size": 16, "split_tokens": 4096 * 8},
-        chat_sft={"mixture": "offline", "offline_size": 2000, "device_batch_size": 16, "max_seq_len": 256,
+        chat_sft={"mixture": "offline", "offline_size": 20000, "device_batch_size": 16, "max_seq_len": 256,
                   "num_iterations": 150, "eval_every": -1, "eval_tokens": 4096 * 4, "chatcore_every": -1,
                   "save_every": 50, "time_budget_s": 210, "min_iterations": 40, "max_iterations": 800},
         chat_eval={"tasks": "WordChoice|Arithmetic", "max_problems": 100, "max_new_tokens": 64, "batch_size": 16},

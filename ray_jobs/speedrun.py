@@ -14,8 +14,8 @@ Presets and overrides: ray_jobs/presets.py (`--set section.key=value`, repeatabl
 Resume: each finished stage writes `<base>/speedrun/stages/<stage>.json` (its key numbers, timings and a hash of
 its settings and of the stages it depends on). Re-running the same command skips finished stages; an interrupted
 training stage resumes from its newest checkpoint (same Ray Train run name, see ray_jobs/train_common.py). A stage
-whose settings changed runs again, and so does everything downstream of it. `--fresh` starts a new run id: every
-stage runs again and training starts from step 0 (old checkpoints are left in place).
+whose settings changed runs again from step 0 (a new Ray Train run name), and so does everything downstream of it.
+`--fresh` starts a new run id: every stage runs again from step 0 (old checkpoint files may be overwritten).
 
 Outputs (nanochat's layout): base_data_climbmix/, tokenizer/, base_checkpoints/<tag>/, base_eval/,
 chatsft_checkpoints/<tag>/, chat_eval/, chatrl_checkpoints/, and report.md + report/*.png (ray_jobs/report.py).
@@ -327,7 +327,7 @@ class Pipeline:
         calibrated = self._budget_iterations(stage, "base_train", cfg, cfg.total_batch_size)
         if calibrated:
             cfg.num_iterations = calibrated
-        res = self._fit(base_train, cfg, stage, f"speedrun-{self.run['run_id']}-{stage}-{cfg.tag}")
+        res = self._fit(base_train, cfg, stage, self._run_name(stage, cfg.tag))
         keep = ("step", "num_iterations", "start_step", "val_bpb", "min_val_bpb", "total_batch_size",
                 "grad_accum_steps", "world_size", "checkpoint_dir", "tok_per_sec", "mfu", "total_training_time")
         out = {k: res.get(k) for k in keep}
@@ -346,6 +346,11 @@ class Pipeline:
         recs = run_metrics.read_metrics(run_metrics.metrics_path(self.base_dir, stage))
         vals = [r["val_bpb"] for r in recs if r["kind"] == "val" and r["step"] == 0]
         return vals[0] if vals else None
+
+    def _run_name(self, stage: str, tag) -> str:
+        """Ray Train run name: the same settings resume the same run (and its checkpoints); changed settings (or
+        upstream stages) start a new one, so a changed model never resumes from another config's checkpoint."""
+        return f"speedrun-{stage}-{tag}-{self.hashes[stage][:8]}"
 
     def _budget_iterations(self, stage: str, section: str, cfg, total_batch_size) -> int | None:
         """Steps that fit the section's time_budget_s on this machine (CPU presets), or None to keep the config.
@@ -437,7 +442,7 @@ class Pipeline:
                                              cfg.total_batch_size or base_bt.get("total_batch_size"))  # fmt: skip
         if calibrated:
             cfg.num_iterations = calibrated
-        res = self._fit(chat_sft, cfg, "chat_sft", f"speedrun-{self.run['run_id']}-chat_sft-{cfg.model_tag}")
+        res = self._fit(chat_sft, cfg, "chat_sft", self._run_name("chat_sft", cfg.model_tag))
         losses = res.get("losses") or []
         return {"step": res.get("step"), "start_step": res.get("start_step"), "val_bpb": res.get("val_bpb"),
                 "initial_val_bpb": self._first_val_bpb("chat_sft"),
@@ -483,7 +488,7 @@ class Pipeline:
         kw = {k: v for k, v in self.p["chat_rl"].items() if k != "enabled"}
         kw.setdefault("model_tag", self.metric("chat_sft", "model_tag"))
         cfg = RLConfig(**kw)
-        res = self._fit(chat_rl, cfg, "chat_rl", f"speedrun-{self.run['run_id']}-chat_rl-{cfg.model_tag}")
+        res = self._fit(chat_rl, cfg, "chat_rl", self._run_name("chat_rl", cfg.model_tag))
         ckpt = str(res.get("checkpoint_dir", ""))
         return {"step": res.get("step"), "checkpoint_dir": ckpt, "model_tag": ckpt.rstrip("/").rsplit("/", 1)[-1],
                 **{k: v for k, v in res.items() if k.startswith(("pass@", "reward", "mean_reward"))}}
