@@ -176,7 +176,7 @@ def _tok_eval_table(m: dict) -> list[str]:
     return lines
 
 
-def summary_table(stages: dict) -> list[str]:
+def summary_table(stages: dict, metrics: dict | None = None) -> list[str]:
     """| Metric | BASE | SFT | RL | with blanks where a stage did not run or does not measure that metric."""
 
     def m(stage):
@@ -185,7 +185,11 @@ def summary_table(stages: dict) -> list[str]:
     cols = {"BASE": {}, "SFT": {}, "RL": {}}
     be = m("base_eval")
     cols["BASE"]["CORE"] = be.get("core_metric")
-    cols["BASE"]["val bpb (untrained)"] = m("base_train").get("initial_val_bpb")
+    untrained = m("base_train").get("initial_val_bpb")
+    if untrained is None:  # markers written before this field existed: the step-0 eval of the metrics log
+        untrained = next((r["val_bpb"] for r in (metrics or {}).get("base_train", [])
+                          if r.get("kind") == "val" and r.get("step") == 0), None)  # fmt: skip
+    cols["BASE"]["val bpb (untrained)"] = untrained
     cols["BASE"]["val bpb"] = (be.get("bpb") or {}).get("val", m("base_train").get("min_val_bpb"))
     cols["SFT"]["val bpb"] = m("chat_sft").get("val_bpb")
     for col, stage in (("SFT", "chat_eval"), ("RL", "chat_eval_rl")):
@@ -249,7 +253,7 @@ def render(state: dict, plot_names: list[str]) -> str:
         lines.append(f"Preset `{run.get('preset')}`, run id `{run.get('run_id')}`.")
     lines.append("")
     lines += environment_section(state["env"], run)
-    lines += summary_table(stages)
+    lines += summary_table(stages, state["metrics"])
     done = [m for m in stages.values() if m.get("status") == "done"]
     stage_seconds = sum(m.get("seconds", 0) for m in done)
     if done:
