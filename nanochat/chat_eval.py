@@ -28,6 +28,9 @@ BASELINE_ACCURACIES = {
     "SpellingBee": 0.0,
 }
 CATEGORICAL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU"]
+# The generated held-out tasks of the offline SFT mixture (nanochat/tasks/offline.py): SFT's in-loop chat eval
+# with --mixture offline (make_task needs their size; not offered by the chat_eval CLI).
+OFFLINE_TASKS = ["WordChoice", "Arithmetic"]
 
 
 def parse_task_names(spec: str | None) -> list[str]:
@@ -39,8 +42,14 @@ def parse_task_names(spec: str | None) -> list[str]:
     return names
 
 
-def make_task(task_name: str):
-    """The evaluation split of a chat task by name (data loads on first use)."""
+def make_task(task_name: str, size: int | None = None):
+    """The evaluation split of a chat task by name (data loads on first use). `size`: offline tasks only."""
+    if task_name in OFFLINE_TASKS:
+        from nanochat.tasks import offline
+
+        if size is None:
+            raise ValueError(f"offline task {task_name} needs its test split size")
+        return getattr(offline, task_name)(size, "test")
     parse_task_names(task_name)
     if task_name in ("ARC-Easy", "ARC-Challenge"):
         from nanochat.tasks.arc import ARC

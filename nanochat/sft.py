@@ -365,6 +365,29 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
         if data_state is None:
             print0("WARNING: SFT data position saved by another world size; restarting the epoch's stream")
     start_step = step
+    chat_history = []  # (step, ChatCORE) of this run
+
+    def report_chat(at_step, res, now):
+        """Print / log / hand to the sink the chat eval of the model at `at_step` (maybe known only at `now`)."""
+        for task, acc in res.items():
+            print0(f"  {task}: {100 * acc:.2f}%")
+        core, core_cat = centered(res), centered(res, categorical_only=True)
+        chat_history.append((at_step, core))
+        late = f" (ready at step {now})" if at_step != now else ""
+        print0(f"Step {at_step:05d} | ChatCORE: {core:.4f} | ChatCORE_cat: {core_cat:.4f}{late}")
+        wandb_run.log({"step": at_step, "total_training_flops": flops_per_token * cfg.total_batch_size * at_step,
+                       "chatcore_metric": core, "chatcore_cat": core_cat, **{f"chatcore/{t}": a for t, a in res.items()}})
+        sink.on_eval(at_step, {"step": at_step, "chatcore_metric": core})
+
+    def collect_evals(now, wait=False):
+        """Report asynchronous chat evals that finished; returns the latest step's results, if any arrived."""
+        latest = None
+        for kind, at_step, res in sorted(sink.finished_evals(wait), key=lambda e: e[1]):
+            if kind == "chat":
+                report_chat(at_step, res, now)
+                latest = res
+        return latest
+
     train_loader = sft_batches(train_ds, tokenizer, B, T, rank, world, device, cfg.num_iterations, state=data_state)
     x, y, st = next(train_loader)
     consumed_state = data_state
@@ -391,14 +414,12 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
                 model.train()
             if cfg.chatcore_every > 0 and (last_step or (step > 0 and step % cfg.chatcore_every == 0)):
                 orig_model.eval()
-                results = chat_eval(cfg, orig_model, tokenizer, B)
-                for task, acc in results.items():
-                    print0(f"  {task}: {100 * acc:.2f}%")
-                core, core_cat = centered(results), centered(results, categorical_only=True)
-                print0(f"Step {step:05d} | ChatCORE: {core:.4f} | ChatCORE_cat: {core_cat:.4f}")
-                wandb_run.log({"step": step, "total_training_flops": flops_so_far, "chatcore_metric": core,
-                               "chatcore_cat": core_cat, **{f"chatcore/{t}": a for t, a in results.items()}})
-                sink.on_eval(step, {"step": step, "chatcore_metric": core})
+                got = sink.chat_metric(cfg, orig_model, tokenizer, device, step, B)
+                if got is None:
+                    got = chat_eval(cfg, orig_model, tokenizer, B)
+                if not got.get("pending"):  # else launched asynchronously: reported below when ready
+                    results = got
+                    report_chat(step, results, step)
                 orig_model.train()
             periodic = cfg.save_every > 0 and step > 0 and step != start_step and step % cfg.save_every == 0
             if last_step or periodic:
@@ -458,6 +479,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
                        "train/mfu": mfu, "train/epoch": st["epoch"]}
             if step % 10 == 0:
                 wandb_run.log(metrics)
+            collect_evals(step)  # asynchronous chat evals that are ready (non-blocking poll)
             sink.on_step(step, {**metrics, "train/step_loss": loss_f})
             if step == start_step + 1:
                 gc.collect()
@@ -469,13 +491,16 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
         gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
+    final = collect_evals(step, wait=True)  # the last step's chat eval is always reported
+    if final is not None:
+        results = final
     print0(f"Peak memory usage: {torch.cuda.max_memory_allocated() / 2**20 if device_type == 'cuda' else 0:.2f}MiB")
     print0(f"Total training time: {total_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
     wandb_run.finish()
     compute_cleanup()
     return {"step": step, "start_step": start_step, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
-            "chat_eval": results, "losses": losses, "checkpoint_dir": out_dir, "world_size": world,
+            "chat_eval": results, "chatcore_metrics": sorted(chat_history), "losses": losses, "checkpoint_dir": out_dir, "world_size": world,
             "grad_accum_steps": grad_accum}
 
 

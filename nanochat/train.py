@@ -291,6 +291,9 @@ def muon_weight_decay(it: int, num_iterations: int, weight_decay: float) -> floa
 # The sink: how a launcher observes and steers the loop without the library knowing about it
 
 
+PENDING = {"pending": True}  # what a TrainSink's core_metric / chat_metric returns after an asynchronous launch
+
+
 class TrainSink:
     """Hooks called by `train()`. The defaults do nothing, which is the single-process behaviour.
 
@@ -316,8 +319,23 @@ class TrainSink:
         """After every rank finished writing the checkpoint of `step` (it is complete on storage)."""
 
     def core_metric(self, model, tokenizer, device, step: int, max_per_task: int) -> dict | None:
-        """Compute (or launch) the CORE metric; None means 'use the library's evaluate_core in-process'."""
+        """Compute or launch the CORE metric of the model at `step` (called on every rank).
+
+        None: evaluate in-process with the library's evaluate_core (a collective over all ranks). A dict with
+        "core_metric": the result. PENDING: launched asynchronously; the result arrives later via finished_evals."""
         return None
+
+    def chat_metric(self, cfg, model, tokenizer, device, step: int, batch_size: int) -> dict | None:
+        """SFT's in-loop chat evaluation: {task: accuracy}, None (in-process), or PENDING (see core_metric)."""
+        return None
+
+    def finished_evals(self, wait: bool = False) -> list[tuple[str, int, dict]]:
+        """Asynchronous evaluations finished since the last call, as (kind "core" | "chat", step, results).
+
+        Polled after every optimizer step, so it must never block unless `wait` (end of training: wait for all
+        of them). Called on every rank; only the rank that launched them returns results, so the loop's
+        reporting of those results (print, wandb, on_eval) runs on that rank only and uses no collectives."""
+        return []
 
     def checkpoint_meta(self) -> dict:
         """Extra keys for the checkpoint meta (e.g. which launcher run wrote it)."""
@@ -528,6 +546,7 @@ class _Run:
             print0("GradScaler enabled for fp16 training")
         data_state = None
         self.step, self.val_bpb, self.min_val_bpb = 0, None, float("inf")
+        self.core_history = []  # (step, CORE metric) of this run, in the order the results arrived
         self.smooth_loss, self.total_time = 0.0, 0.0
         if self.meta is not None:
             meta = self.meta
@@ -581,12 +600,24 @@ class _Run:
                 results = evaluate_core(self.orig_model, self.tokenizer, self.device,
                                         max_per_task=cfg.core_metric_max_per_task)
         self.model.train()
-        if "core_metric" in results:  # a launcher may run CORE asynchronously and report it later
-            print0(f"Step {self.step:05d} | CORE metric: {results['core_metric']:.4f}")
-            metrics = {"step": self.step, "total_training_flops": self._flops_so_far(),
-                       "core_metric": results["core_metric"], "centered_results": results.get("centered_results")}
-            self.wandb.log(metrics)
-            self.sink.on_eval(self.step, {"step": self.step, "core_metric": results["core_metric"]})
+        if not results.get("pending"):  # else launched asynchronously: collect_evals reports it when ready
+            self.report_core(self.step, results)
+
+    def report_core(self, step: int, results: dict):
+        """Print / log / hand to the sink the CORE result of the model at `step` (maybe a later step's news)."""
+        self.core_history.append((step, results["core_metric"]))
+        late = f" (ready at step {self.step})" if step != self.step else ""
+        print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}{late}")
+        metrics = {"step": step, "total_training_flops": self._flops_so_far(step),
+                   "core_metric": results["core_metric"], "centered_results": results.get("centered_results")}
+        self.wandb.log(metrics)
+        self.sink.on_eval(step, {"step": step, "core_metric": results["core_metric"]})
+
+    def collect_evals(self, wait: bool = False):
+        """Report asynchronous evaluations that finished (never blocks unless wait: the end of training)."""
+        for kind, step, results in self.sink.finished_evals(wait):
+            if kind == "core":
+                self.report_core(step, results)
 
     def sample(self):
         if self.tokenizer is None:
@@ -631,8 +662,8 @@ class _Run:
             dist.barrier()  # the step is complete on storage for everyone before anyone announces it
         self.sink.on_checkpoint(self.step, self.checkpoint_dir, {"step": self.step, "val_bpb": self.val_bpb})
 
-    def _flops_so_far(self):
-        return self.plan.flops_per_token * self.plan.total_batch_size * self.step
+    def _flops_so_far(self, step: int | None = None):
+        return self.plan.flops_per_token * self.plan.total_batch_size * (self.step if step is None else step)
 
     # ---- one optimizer step
 
@@ -754,6 +785,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
             dts.append(dt)
             first_step_of_run = run.step == start_step
             run.step += 1
+            run.collect_evals()  # asynchronous CORE results that are ready (non-blocking poll)
             run.sink.on_step(run.step, metrics)
             # The cyclic GC pauses for long scans of setup garbage; upstream freezes it after the first step.
             if first_step_of_run:
@@ -766,6 +798,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
+    run.collect_evals(wait=True)  # the final CORE (launched at the last step) is always reported
     if run.device_type == "cuda":
         print0(f"Peak memory usage: {torch.cuda.max_memory_allocated() / 1024 / 1024:.2f}MiB")
     else:
@@ -782,6 +815,8 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         "world_size": run.world, "checkpoint_dir": run.checkpoint_dir, "losses": losses,
         "tok_per_sec": _mean(tok_rates[steady]), "mfu": _mean(mfus[steady]), "total_training_time": run.total_time,
         "step_times": dts, "flops_per_token": plan.flops_per_token, "peak_flops": run.peak_flops,
+        "core_metrics": sorted(run.core_history),
+        "core_metric": max(run.core_history)[1] if run.core_history else None,  # the latest step's
     }  # fmt: skip
     compute_cleanup()
     return result

@@ -13,6 +13,8 @@ For the training loop (non-blocking CORE / ChatCORE; call from the driver or fro
     # after save_checkpoint you can also pass ModelRef(checkpoint_dir=..., step=...)
     # SFT: launch_chatcore_async(ModelRef.from_model(m), max_cat=-1, max_sample=24).result()
     #      -> {"results": {task: acc}, "chatcore": x, "chatcore_cat": y}
+    # SFT --mixture offline: launch_offline_chat_async(ref, size, max_cat, max_sample) -> {"results": {task: acc}}
+    # (ray_jobs/train_common.RaySink does all of this for base_train / chat_sft)
     # resources per eval task: gpus_per_worker=1 on a GPU cluster (default 0), cpus_per_worker=1.
 
 Work units:
@@ -158,7 +160,7 @@ def _run_chat(unit, model, tokenizer, device, progress):
     from nanochat.chat_eval import categorical_counts, generative_counts, make_task, num_problems, num_units
 
     p = unit.p()
-    task = make_task(unit.name)
+    task = make_task(unit.name, p.get("task_size"))
     max_problems, batch_size = p.get("max_problems"), p.get("batch_size", 8)
     selected = range(unit.shard, num_units(task, batch_size, max_problems), unit.num_shards)
     if task.eval_type == "categorical":
@@ -438,9 +440,9 @@ def merge_core(units: list[Unit], results: list[dict], tasks: list[dict]) -> dic
 
 def chat_units(task_names, shards_per_task=1, max_problems=None, batch_size=8, num_samples=1,
                max_new_tokens=512, temperature=0.0, top_k=50, max_problems_by_task=None,
-               max_shard_problems=0) -> list[Unit]:  # fmt: skip
+               max_shard_problems=0, task_size=None) -> list[Unit]:  # fmt: skip
     """Units of chat tasks. With max_shard_problems > 0 a task gets at least ceil(problems / max_shard_problems)
-    shards (the driver then loads the task once to count its problems)."""
+    shards (the driver then loads the task once to count its problems). task_size: for the offline tasks."""
     from nanochat.chat_eval import make_task, num_problems
 
     units = []
@@ -448,9 +450,11 @@ def chat_units(task_names, shards_per_task=1, max_problems=None, batch_size=8, n
         mp = (max_problems_by_task or {}).get(name, max_problems)
         shards = shards_per_task
         if max_shard_problems > 0:
-            shards = max(shards, math.ceil(num_problems(make_task(name), mp) / max_shard_problems))
+            shards = max(shards, math.ceil(num_problems(make_task(name, task_size), mp) / max_shard_problems))
         params = dict(max_problems=mp, batch_size=batch_size, num_samples=num_samples, max_new_tokens=max_new_tokens,
                       temperature=temperature, top_k=top_k)  # fmt: skip
+        if task_size is not None:
+            params["task_size"] = task_size
         units += [make_unit("chat", name, s, shards, **params) for s in range(shards)]
     return units
 
@@ -496,6 +500,21 @@ def launch_chatcore_async(
             "chatcore_cat": centered_mean(acc, CATEGORICAL_TASKS),
         }
 
+    return _launch(ref, units, merge, cpus_per_worker, gpus_per_worker, max_retries)
+
+
+def launch_offline_chat_async(
+    ref: ModelRef, size: int, max_cat: int = -1, max_sample: int = 24, batch_size: int = 8,
+    cpus_per_worker: float = 1, gpus_per_worker: float = 0, max_retries: int = 3,
+) -> EvalHandle:  # fmt: skip
+    """SFT's in-loop eval for --mixture offline (held-out WordChoice + Arithmetic of `size` examples each, the
+    settings of nanochat.sft.chat_eval) as Ray tasks; returns immediately. `.result()` -> {"results": {task: acc}}."""
+    from nanochat.chat_eval import OFFLINE_TASKS
+
+    limits = {"WordChoice": None if max_cat < 0 else max_cat, "Arithmetic": None if max_sample < 0 else max_sample}
+    units = chat_units(OFFLINE_TASKS, batch_size=batch_size, max_new_tokens=64, max_problems_by_task=limits,
+                       task_size=size)  # fmt: skip
+    merge = lambda results: {"results": merge_chat(units, results)}
     return _launch(ref, units, merge, cpus_per_worker, gpus_per_worker, max_retries)
 
 

@@ -12,7 +12,16 @@ Design (see README "Training on Ray"):
   with the same name) resumes from the newer of: the registered pointer, or the newest complete nanochat checkpoint
   that this run wrote (covers a crash between the save and Ray registering it).
 - Metrics: ray.train.report every --report-every steps, Ray custom metrics (Gauges, visible in the dashboard's
-  Prometheus export) on rank 0, and wandb (rank 0, inside the library) unless --run=dummy.
+  Prometheus export) on rank 0, and wandb (rank 0, inside the library) unless --run=dummy. Evaluation results
+  (val bpb, CORE, ChatCORE) ride along with the next report as `<metric>` + `<metric>_step` (the step they
+  belong to); report stays a barrier that every rank calls equally often.
+- In-loop CORE (base_train --core-metric-every) and ChatCORE (chat_sft --chatcore-every) run as Ray tasks
+  (ray_jobs/eval_fanout.py) without stalling training: rank 0 snapshots the weights into the object store (a CPU
+  copy + put, cheaper than writing a checkpoint, and the step's checkpoint does not exist yet when CORE runs),
+  launches the evaluation, and polls it after every step (never blocking); a result is logged with its own step
+  when it is ready, and the last one is awaited before the run's final report. Eval tasks take an idle GPU on
+  GPU clusters (without one, the evaluation runs in-process on the training GPUs, as upstream) and one CPU on
+  CPU clusters (no CPU free: they share the workers' cores rather than wait for training to end).
 """
 
 import argparse
@@ -170,6 +179,8 @@ class RaySink(TrainSink):
         self.gauges = _make_gauges(run_name) if self.rank == 0 else None
         self.t_start = time.time()
         self.first_step_reported = False
+        self.eval_metrics = {}  # evaluation results waiting for the next report
+        self.pending_evals = []  # rank 0: (kind, step, eval_fanout.EvalHandle) launched and not yet reported
 
     # ---- where to resume
 
@@ -221,10 +232,13 @@ class RaySink(TrainSink):
             self.first_step_time = time.time()  # wall clock: the driver subtracts its own start time
             metrics = {**metrics, "time_to_first_step_s": self.first_step_time - self.t_start}
         if step % self.report_every == 0:
-            self.ray_train.report(_plain(metrics))
+            self.ray_train.report(_plain(self._with_evals(metrics)))
 
     def on_eval(self, step: int, metrics: dict) -> None:
-        pass  # eval metrics ride along with the next step / checkpoint report (report is a barrier)
+        # ride along with the next step / checkpoint / final report (report is a barrier: no extra call here)
+        for k, v in metrics.items():
+            if k not in ("step", "total_training_flops", "total_training_time"):
+                self.eval_metrics.update({k: v, f"{k}_step": step})
 
     def on_checkpoint(self, step: int, checkpoint_dir: str, metrics: dict) -> None:
         self._report_pointer(step, checkpoint_dir, metrics, f"step_{step:06d}")
@@ -234,9 +248,16 @@ class RaySink(TrainSink):
         metrics = {"final": True, **result, "first_step_unix_time": getattr(self, "first_step_time", None)}
         self._report_pointer(result["step"], result["checkpoint_dir"], metrics, f"final_{result['step']:06d}")
 
+    def _with_evals(self, metrics: dict) -> dict:
+        """metrics + the evaluation results that arrived since the last report (then forgotten)."""
+        out = {**self.eval_metrics, **metrics}
+        self.eval_metrics = {}
+        return out
+
     def _report_pointer(self, step: int, checkpoint_dir: str, metrics: dict, name: str) -> None:
         from ray.train import Checkpoint
 
+        metrics = self._with_evals(metrics)
         if self.rank != 0:  # every rank reports (a barrier); only rank 0 attaches the pointer
             self.ray_train.report(_plain(metrics), checkpoint=None, checkpoint_dir_name=name)
             return
@@ -245,8 +266,75 @@ class RaySink(TrainSink):
                 json.dump({"checkpoint_dir": checkpoint_dir, "step": step, "world_size": self.world}, f)
             self.ray_train.report(_plain(metrics), checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
+    # ---- asynchronous evaluation (Ray tasks launched by rank 0)
+
+    def eval_resources(self, device) -> dict | None:
+        """Resources of one eval task, or None when the cluster has nowhere to run it (evaluate in-process)."""
+        import ray
+
+        free = ray.available_resources()
+        cpus = 1 if free.get("CPU", 0) >= 1 else 0  # 0: share the workers' cores rather than wait for them
+        if device.type == "cuda":  # a CPU evaluation of a GPU-sized model would take hours: need an idle GPU
+            return {"cpus_per_worker": cpus, "gpus_per_worker": 1} if free.get("GPU", 0) >= 1 else None
+        return {"cpus_per_worker": cpus, "gpus_per_worker": 0}
+
     def core_metric(self, model, tokenizer, device, step: int, max_per_task: int):
-        return None
+        def launch(resources):
+            from ray_jobs.eval_fanout import ModelRef, launch_core_async
+
+            return launch_core_async(ModelRef.from_model(model), max_per_task=max_per_task, **resources)
+
+        return self._launch("core", step, device, launch)
+
+    def chat_metric(self, cfg, model, tokenizer, device, step: int, batch_size: int):
+        def launch(resources):
+            from ray_jobs.eval_fanout import ModelRef, launch_chatcore_async, launch_offline_chat_async
+
+            ref = ModelRef.from_model(model)
+            if cfg.mixture == "offline":
+                return launch_offline_chat_async(ref, max(1, cfg.offline_size // 10), cfg.chatcore_max_cat,
+                                                 cfg.chatcore_max_sample, batch_size, **resources)
+            return launch_chatcore_async(ref, cfg.chatcore_max_cat, cfg.chatcore_max_sample, batch_size, **resources)
+
+        return self._launch("chat", step, device, launch)
+
+    def _launch(self, kind: str, step: int, device, launch):
+        """Rank 0 launches; every rank learns whether it did (else all evaluate in-process, a collective)."""
+        from nanochat.train import PENDING
+
+        handle = None
+        if self.rank == 0:
+            resources = self.eval_resources(device)
+            if resources is None:
+                print(f"[ray] no idle GPU for the step-{step} {kind} evaluation: running it in-process")
+            else:
+                try:
+                    handle = launch(resources)
+                except Exception as e:  # e.g. the eval bundle download; in-process raises it properly if it persists
+                    print(f"[ray] could not launch the step-{step} {kind} evaluation as Ray tasks ({e!r}): "
+                          f"running it in-process")
+        if not _broadcast(handle is not None):
+            return None
+        if handle is not None:
+            self.pending_evals.append((kind, step, handle))
+        return PENDING
+
+    def finished_evals(self, wait: bool = False) -> list[tuple[str, int, dict]]:
+        done, still = [], []
+        for kind, step, handle in self.pending_evals:
+            if not (wait or handle.done()):  # done() is a zero-timeout ray.wait
+                still.append((kind, step, handle))
+                continue
+            if wait and not handle.done():
+                print(f"[ray] waiting for the step-{step} {kind} evaluation to finish")
+            try:
+                result = handle.result()
+            except Exception as e:  # a failed evaluation must not take the training run down with it
+                print(f"[ray] WARNING: the step-{step} {kind} evaluation failed: {e!r}")
+                continue
+            done.append((kind, step, result["results"] if kind == "chat" else result))
+        self.pending_evals = still
+        return done
 
 
 def own_complete_steps(checkpoint_dir: str, run_name: str) -> list[int]:
