@@ -100,6 +100,13 @@ def adamw_step_fused(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     exp_avg_sq.copy_(v32)
 
 
+# torch's CPU sqrt is several times slower on exact zeros and ~30x slower on subnormal inputs (a special-value path in
+# the vectorized math library), and AdamW's second moment is exactly 0 on embedding rows of tokens not seen yet (and
+# decays into subnormals on rare ones). Raising sqrt's input to the smallest normal float moves sqrt(.) by at most
+# sqrt(tiny) ~ 1.1e-19, which then vanishes in "+ eps" whenever eps + 1.1e-19 rounds to eps (eps >~ 4e-12).
+_SQRT_FLOOR = torch.tensor(torch.finfo(torch.float32).tiny)
+_SQRT_OF_FLOOR = _SQRT_FLOOR.sqrt()
+
 # Elements per chunk of the eager CPU AdamW update (per torch thread): one chunk's five fp32 streams (param, grad,
 # both moments, scratch) fit in a core's L2 cache, so the nine elementwise passes below cost about one trip to memory.
 ADAMW_CHUNK = 1 << 17
@@ -112,7 +119,8 @@ def adamw_step_chunked(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     Eager PyTorch runs each op as a separate pass over memory and allocates a full-size result per temporary (on CPU
     every fresh large allocation is page-faulted in again). Here the temporaries go to `scratch` (a 1-D fp32 buffer of
     at least min(numel, chunk) elements, reused across calls) and each chunk stays in cache across the nine ops.
-    Elementwise ops do not mix elements, so the result equals adamw_step_fused's bit for bit.
+    Elementwise ops do not mix elements (and the sqrt floor disappears in "+ eps"), so the result equals
+    adamw_step_fused's bit for bit.
     """
     tensors = (p, grad, exp_avg, exp_avg_sq)
     if not all(t.is_contiguous() for t in tensors):  # no flat view: take the allocating path
@@ -124,6 +132,7 @@ def adamw_step_chunked(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     bias_correction1 = 1 - beta1_t**step_t
     bias_correction2 = 1 - beta2_t**step_t
     alpha = (-(lr_t / bias_correction1)).item()  # the Scalar that add_(alpha=<0-D tensor>) would convert to
+    floor = _SQRT_FLOOR.item() if bool(eps_t.float() + _SQRT_OF_FLOOR == eps_t.float()) else None
     flat = [t.view(-1) for t in tensors]
     n = flat[0].numel()
     chunk = min(scratch.numel(), n)
@@ -140,6 +149,8 @@ def adamw_step_chunked(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
         torch.square(g32, out=buf)
         v32.lerp_(buf, w2)
         torch.div(v32, bias_correction2, out=buf)  # buf = denom = sqrt(v / bc2) + eps
+        if floor is not None:
+            buf.clamp_min_(floor)  # same bits after "+ eps" (see _SQRT_FLOOR), no slow sqrt path
         buf.sqrt_()
         buf.add_(eps_t)
         torch.div(m32, buf, out=buf)

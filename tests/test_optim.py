@@ -183,26 +183,39 @@ def _hyper(*values):
     return [torch.tensor(float(v)) for v in values]
 
 
+def _same_bits(a, b):
+    """Bitwise equality (tells +0 from -0, and a NaN equals the same NaN)."""
+    as_int = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_inplace_kernels_equal_reference_kernels_bitwise(monkeypatch, compute_dtype, param_dtype):
     """The eager CPU kernels (chunked AdamW, in-place Muon) give exactly the reference kernels' bits."""
     monkeypatch.setattr(optim_module, "COMPUTE_DTYPE", compute_dtype)
     gen = torch.Generator().manual_seed(5)
-    # AdamW: several chunks with a ragged tail, one chunk, and a non-contiguous gradient (allocating fallback).
-    for shape, chunk, transpose_grad in (((300, 70), 4096, False), ((37,), 4096, False), ((24, 40), 256, True)):
+    # AdamW: several chunks with a ragged tail, one chunk, a non-contiguous gradient (allocating fallback); second
+    # moments with exact zeros and subnormals (the sqrt floor) and epsilons with and without the floor, and a NaN.
+    for shape, chunk, transpose_grad, eps in (((300, 70), 4096, False, 1e-10), ((300, 70), 4096, False, 1e-13),
+                                              ((37,), 4096, False, 1e-8), ((24, 40), 256, True, 0.0)):
         tensors = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1,
                    torch.randn(shape, generator=gen) * 0.01, torch.rand(shape, generator=gen) * 1e-3]
+        tensors[1][:9] = 0.0  # rows 0-4 never seen (zero moments); rows 5-8 rare: subnormal second moments
+        tensors[2][:5] = 0.0
+        tensors[3][:5] = 0.0
+        tensors[3][5:9] = 1e-40 if param_dtype == torch.float32 else 1e-39
+        tensors[1].view(-1)[-1] = float("nan")
         tensors = [t.to(param_dtype) for t in tensors]
         if transpose_grad:
             tensors[1] = tensors[1].t().contiguous().t()
         ref, ours = [t.clone() for t in tensors], [t.clone() for t in tensors]
         for step in (1, 2, 3):
-            hyper = _hyper(step, 0.01, 0.8, 0.95, 1e-10, 0.1)
+            hyper = _hyper(step, 0.01, 0.8, 0.95, eps, 0.1)
             optim_module.adamw_step_fused(*ref, *hyper)
             optim_module.adamw_step_chunked(*ours, *hyper, scratch=torch.empty(chunk))
         for a, b in zip(ref, ours):
-            assert a.dtype == b.dtype and torch.equal(a, b), (shape, chunk)
+            assert _same_bits(a, b), (shape, chunk, eps)
     # Muon: square, tall and wide stacks; odd and even ns_steps (the polar buffers swap every iteration).
     for (k, m, n), ns_steps in (((3, 32, 32), 5), ((2, 48, 16), 2), ((2, 16, 40), 5), ((1, 24, 20), 1)):
         red_dim = -1 if m >= n else -2
@@ -217,7 +230,7 @@ def test_inplace_kernels_equal_reference_kernels_bitwise(monkeypatch, compute_dt
             optim_module.muon_step_fused(grad.clone(), *ref[1:], *hyper, ns_steps, red_dim)
             optim_module.muon_step_inplace(grad.clone(), *ours[1:], *hyper, ns_steps, red_dim)
             for a, b in zip(ref[1:], ours[1:]):  # params and both moments (the grads are scratch)
-                assert torch.equal(a, b), ((k, m, n), ns_steps, step)
+                assert _same_bits(a, b), ((k, m, n), ns_steps, step)
 
 
 def test_eager_cpu_step_avoids_the_allocating_kernels(monkeypatch):
