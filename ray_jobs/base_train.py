@@ -32,6 +32,7 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
     tc.validate_cluster(cluster)
     cfg.validate()
     use_gpu = tc.resolve_use_gpu(cluster, cfg.device_type) if cluster.num_workers > 0 else False
+    tc.resolve_ray_data_actors(cluster, use_gpu, cfg.data)
     if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
         cfg.device_type = "cpu"  # workers must not autodetect a GPU that Ray did not assign to them
     if cfg.data == "synthetic" and cfg.vocab_size > 0:

@@ -38,6 +38,7 @@ def prepare(cfg: SFTConfig, cluster: tc.ClusterArgs) -> tuple[SFTConfig, bool, s
 
     tc.validate_cluster(cluster)
     use_gpu = tc.resolve_use_gpu(cluster, cfg.device_type) if cluster.num_workers > 0 else False
+    cluster.ray_data_actors = 0  # SFT reads task mixtures, not the pretraining shards: no tokenizer actors
     if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
         cfg.device_type = "cpu"
     checkpoint_dir, step = _resolve(checkpoints_dir_for("base"), cfg.model_tag, cfg.model_step)

@@ -37,6 +37,7 @@ from nanochat.train import TrainSink
 
 # Environment forwarded to the Ray job and its workers: storage credentials/endpoint, nanochat and wandb settings.
 FORWARD_ENV_PREFIXES = ("AWS_", "NANOCHAT_", "WANDB_", "HF_", "OMP_NUM_THREADS", "PYTORCH_")
+AUTO_RAY_DATA_ACTORS = 2  # --ray-data-actors auto on GPU: tokenizer actors (1 CPU each) per training worker
 
 
 # -----------------------------------------------------------------------------
@@ -57,7 +58,7 @@ class ClusterArgs:
     name: str | None = None  # Ray run name; resubmitting with the same name resumes (default base_train-<tag>)
     report_every: int = 10  # ray.train.report every N steps (a barrier across workers)
     address: str | None = None  # Ray address to connect to (default: RAY_ADDRESS, else a local cluster)
-    ray_data_actors: int = 0  # >0: feed each worker from a Ray Data tokenizer pool of this many actors
+    ray_data_actors: int = -1  # >0: Ray Data tokenizer pool of this many actors per worker; 0: plain loader; -1: auto
 
 
 def _flag_type(annotation):
@@ -94,8 +95,11 @@ def add_cluster_flags(parser: argparse.ArgumentParser):
     g.add_argument("--name", type=str, default=None, help="Ray run name; the same name resumes the run")
     g.add_argument("--report-every", type=int, default=10, help="ray.train.report every N steps")
     g.add_argument("--address", type=str, default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    g.add_argument("--ray-data-actors", type=int, default=0,
-                   help="tokenize on Ray Data with this many actors per worker (0 = each worker reads parquet itself)")
+    g.add_argument("--ray-data-actors", type=int, default=-1,
+                   help=f"tokenize on Ray Data with this many actors per worker; 0 = each worker reads parquet "
+                        f"itself; -1 = auto: {AUTO_RAY_DATA_ACTORS} per worker when training on GPUs, 0 on CPU "
+                        f"(there the actors' start-up, ~10 s on 2 cores, and their tokenizing compete with the "
+                        f"training process for the same cores, while the in-worker loader costs little)")
 
 
 def split_args(ns: argparse.Namespace, config_cls):
@@ -111,12 +115,22 @@ def validate_cluster(cluster: ClusterArgs):
         raise NanochatError(f"--num-workers must be >= 0 (got {cluster.num_workers})")
     if cluster.min_workers != -1 and not 1 <= cluster.min_workers <= cluster.num_workers:
         raise NanochatError(f"--min-workers must be between 1 and --num-workers {cluster.num_workers}")
-    if cluster.ray_data_actors < 0:
-        raise NanochatError(f"--ray-data-actors must be >= 0 (got {cluster.ray_data_actors})")
+    if cluster.ray_data_actors < -1:
+        raise NanochatError(f"--ray-data-actors must be >= 0, or -1 for auto (got {cluster.ray_data_actors})")
     if cluster.report_every < 1:
         raise NanochatError(f"--report-every must be >= 1 (got {cluster.report_every})")
     if cluster.max_failures < -1:
         raise NanochatError(f"--max-failures must be >= -1 (got {cluster.max_failures})")
+
+
+def resolve_ray_data_actors(cluster: ClusterArgs, use_gpu: bool, data: str = "parquet") -> int:
+    """Settle --ray-data-actors -1 (auto) in place: a small pool per worker on GPUs, the plain loader on CPU.
+
+    GPU workers spend their time in the accelerator, so tokenizing in separate actors (on the node's spare CPUs)
+    keeps the input pipeline off the critical path. On CPU the actors would tokenize on the cores that train."""
+    if cluster.ray_data_actors == -1:
+        cluster.ray_data_actors = AUTO_RAY_DATA_ACTORS if (use_gpu and data == "parquet") else 0
+    return cluster.ray_data_actors
 
 
 def world_sizes(cluster: ClusterArgs) -> list[int]:
@@ -170,6 +184,7 @@ class RaySink(TrainSink):
     MARKER = "nanochat_checkpoint.json"
 
     def __init__(self, run_name: str, report_every: int, ray_data_actors: int = 0):
+        """ray_data_actors: tokenizer actors per worker for the pretraining input (0 = plain loader, -1 = auto)."""
         import ray.train
 
         self.ray_train = ray.train
@@ -215,12 +230,15 @@ class RaySink(TrainSink):
 
     def train_loader(self, cfg, tokenizer, device, resume_state):
         """Ray Data pipeline (same batches and resume states as the library loader), or None for the library's."""
-        if self.ray_data_actors <= 0:
+        actors = self.ray_data_actors
+        if actors == -1:  # auto, unresolved by the driver: same rule as resolve_ray_data_actors
+            actors = AUTO_RAY_DATA_ACTORS if torch_device_type(device) == "cuda" else 0
+        if actors <= 0:
             return None
         from ray_jobs.data_pipeline import make_batch_iterator
 
         return make_batch_iterator(tokenizer, cfg.device_batch_size, cfg.max_seq_len, split="train", device=device,
-                                   resume_state=resume_state, num_tokenizer_actors=self.ray_data_actors)
+                                   resume_state=resume_state, num_tokenizer_actors=actors)
 
     # ---- reporting
 
@@ -337,6 +355,10 @@ class RaySink(TrainSink):
         return done
 
 
+def torch_device_type(device) -> str:
+    return device.type if hasattr(device, "type") else str(device).split(":")[0]
+
+
 def own_complete_steps(checkpoint_dir: str, run_name: str) -> list[int]:
     """Complete checkpoint steps in checkpoint_dir whose meta says this Ray run wrote them."""
     from nanochat import storage
@@ -430,6 +452,7 @@ def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: boo
     from nanochat import storage
 
     ray_init(cluster)
+    resolve_ray_data_actors(cluster, use_gpu)  # callers that skipped prepare(): reserve CPUs for auto's actors
     storage_uri = cluster.storage or default_storage()
     fs_kwargs = {"storage_path": storage_uri}
     if storage.is_remote(storage_uri):  # explicit filesystem: the endpoint and keys travel with it

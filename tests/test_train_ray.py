@@ -6,6 +6,7 @@ All runs use the seeded synthetic token stream (same global batch for any world 
 so a 2-worker step sees exactly the rows of a 1-worker step with 2 accumulation micro-steps.
 """
 
+import json
 import os
 import signal
 import sys
@@ -198,3 +199,65 @@ def test_resubmit_on_one_worker_resumes_two_worker_checkpoint_from_s3(reference,
     assert max_abs_diff(final_model(metrics["checkpoint_dir"]), reference["two_model"]) < 1e-4
     assert metrics["checkpoint_dir"].startswith("s3://")
     assert torch.is_tensor(final_model(metrics["checkpoint_dir"])["lm_head.weight"])
+
+
+def test_ray_data_actors_auto_default():
+    from nanochat.common import NanochatError
+
+    _, cluster = base_train.parse_args([])
+    assert cluster.ray_data_actors == -1  # auto
+    cases = [(-1, True, "parquet", tc.AUTO_RAY_DATA_ACTORS), (-1, False, "parquet", 0), (-1, True, "synthetic", 0),
+             (3, False, "parquet", 3), (0, True, "parquet", 0)]  # fmt: skip
+    for given, use_gpu, data, want in cases:
+        c = tc.ClusterArgs(ray_data_actors=given)
+        assert tc.resolve_ray_data_actors(c, use_gpu, data) == want == c.ray_data_actors, (given, use_gpu, data)
+    with pytest.raises(NanochatError, match="--ray-data-actors"):
+        tc.validate_cluster(tc.ClusterArgs(ray_data_actors=-2))
+
+
+class DataPathSink(FaultySink):
+    """FaultySink that also appends (attempt pid, step, loss, whether the Ray Data pipeline feeds it) to a file."""
+
+    def train_loader(self, cfg, tokenizer, device, resume_state):
+        it = super().train_loader(cfg, tokenizer, device, resume_state)
+        self.ray_data = it is not None
+        return it
+
+    def on_step(self, step, metrics):
+        with open(self.fault["log"], "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "step": step - 1, "loss": metrics["train/step_loss"],
+                                "ray_data": self.ray_data}) + "\n")  # fmt: skip
+        super().on_step(step, metrics)
+
+
+def data_path_worker(config):
+    DataPathSink.fault = config["fault"]
+    base_train.worker_fn(config, sink_cls=DataPathSink)
+
+
+def test_ray_data_pipeline_gives_plain_loader_losses_and_resumes(ray_cluster, tmp_path, monkeypatch):
+    """1 TorchTrainer worker fed by 1 Ray Data tokenizer actor gives the plain loader's losses (same batches by
+    construction); after a failure at step 4 the restarted worker resumes from the step-3 checkpoint, whose data
+    position the Ray Data path wrote, again on Ray Data, and continues with exactly the plain run's losses."""
+    from nanochat.dataset import get_data_dir, write_shards
+    from tests.eval_fixtures import make_tiny_checkpoint
+
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    make_tiny_checkpoint(str(base))  # for its real tokenizer (the checkpoint it writes is not used)
+    docs = [f"Document {i}: the {['cat', 'dog', 'cow'][i % 3]} sat on mat number {i}. " * (1 + i % 4) for i in range(400)]
+    write_shards(docs, get_data_dir(), docs_per_shard=128, val_docs=64, row_group_size=16)
+    steps = 6
+    kw = dict(data="parquet", vocab_size=-1, num_iterations=steps)
+    plain = dict(train(BaseTrainConfig(**cfg_dict("rd_plain", **kw)))["losses"])
+    fault = {"step": 4, "rank": 0, "kind": "raise", "marker": str(tmp_path / "failed"), "log": str(tmp_path / "log")}
+    result = fit(cfg_dict("rd", save_every=3, **kw), "rd-run", num_workers=1, worker=data_path_worker, max_failures=1,
+                 storage=str(tmp_path / "runs"), ray_data_actors=1, fault=fault).metrics  # fmt: skip
+    assert os.path.exists(fault["marker"]) and result["start_step"] == 3 and result["step"] == steps
+    log = [json.loads(line) for line in open(fault["log"])]
+    assert all(r["ray_data"] for r in log)  # both attempts were fed by Ray Data
+    first, second = log[0]["pid"], log[-1]["pid"]
+    assert first != second
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 3, 4, 5]  # the retry redoes step 3 (after the checkpoint)
+    for r in log:
+        assert abs(r["loss"] - plain[r["step"]]) <= 1e-5, (r, plain[r["step"]])
