@@ -135,7 +135,7 @@ def main():
 
     from ray_jobs.data_pipeline import make_batch_iterator
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
         for a in [int(x) for x in args.actors.split(",")]:
             results[f"ray_{a}_actors"] = measure(lambda a=a: make_batch_iterator(

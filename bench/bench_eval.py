@@ -61,7 +61,7 @@ def main():
     answers["sequential"] = merge(fan.run_units_local(ref, units, torch.device("cpu")))
     timings["sequential (no Ray)"] = time.perf_counter() - t0
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     fan.run_units(ref, units[:2], num_workers=2, show_progress=False)  # warm-up: start workers, load the model
     for workers in (1, 2):
         best = float("inf")

@@ -120,7 +120,7 @@ def main(argv=None):
     from ray_jobs import train_common as tc
 
     # no dashboard: it would take the fixed port 8265 (other jobs may run Ray on this machine) and ~1.7 GB
-    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 2 * args.threads),
+    ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 2 * args.threads),
              runtime_env={"env_vars": tc.forwarded_env()})
     rows["trainer_1_worker"] = run_ray(args, 1, t_start)
     rows["trainer_2_workers"] = run_ray(args, 2, time.time())

@@ -545,6 +545,8 @@ def add_fanout_args(parser) -> None:
 
 def init_ray(address: str | None) -> None:
     if not ray.is_initialized():
+        # RAY_ADDRESS names a cluster to join; otherwise "local" starts an embedded one (never a stray `ray start`)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
 
 

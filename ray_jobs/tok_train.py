@@ -127,7 +127,8 @@ def train_on_ray(cfg: TokTrainConfig) -> tuple[RustBPETokenizer, dict]:
         if os.environ.get("RAY_ADDRESS"):
             ray.init()  # connect to the cluster
         else:
-            ray.init(include_dashboard=False)  # a throwaway local cluster for one task needs no dashboard
+            # a throwaway local cluster for one task needs no dashboard; "local": never join a stray `ray start`
+            ray.init(address="local", include_dashboard=False)
     options: dict = {"num_cpus": cfg.num_cpus, "max_retries": 0}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["NANOCHAT_BASE_DIR"] = get_base_dir()  # the driver's resolved base dir, default included

@@ -433,7 +433,8 @@ def ray_init(cluster: ClusterArgs):
 
     if ray.is_initialized():
         return
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    # "local": a fresh embedded cluster, never a stray `ray start` cluster found via /tmp/ray/ray_current_cluster
+    address = cluster.address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, log_to_driver=True)
 
 

@@ -31,7 +31,7 @@ def ray_cluster():
     # Actors and Train workers cannot import tests/: ship the stand-in tokenizer (and this module) by value.
     ray.cloudpickle.register_pickle_by_value(tests.test_dataloader)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 

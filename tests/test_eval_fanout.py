@@ -40,7 +40,7 @@ def env(tmp_path_factory):
         docs = [f"Document {i}: the {['cat', 'dog', 'cow'][i % 3]} sat on mat number {i}. " * 3 for i in range(300)]
         os.makedirs(get_data_dir(), exist_ok=True)
         write_shards(docs, get_data_dir(), docs_per_shard=128, val_docs=64, row_group_size=32)
-        ray.init(num_cpus=4, include_dashboard=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
         try:
             yield {"root": root, "base": base, "model": model, "tokenizer": tokenizer, "sft": sft_model, "ckpt": ckpt}
         finally:

@@ -369,7 +369,7 @@ def test_two_ray_workers_equal_one_process(sft_base, template, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
     env = {"NANOCHAT_DTYPE": "float32", "NANOCHAT_BASE_DIR": str(sft_base),
            "NANOCHAT_TASK_DATA_DIR": str(template / "task_data"), "NANOCHAT_COLLECTIVE_TIMEOUT_S": "120"}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         cfg = tiny_cfg(eval_every=-1)
         cfg.device_type = "cpu"

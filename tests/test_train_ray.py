@@ -95,8 +95,8 @@ def ray_cluster(s3, one_thread):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the driver talks to the same S3 server; forwarded to workers by run_trainer
     port = _free_port()  # Prometheus export of this node's metrics (custom Gauges included)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, _metrics_export_port=port,
-             _system_config={"metrics_report_interval_ms": 500})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env},
+             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 500})
     yield port
     ray.shutdown()
     for k, v in saved.items():
