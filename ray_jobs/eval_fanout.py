@@ -238,7 +238,9 @@ class _Progress:
         now = time.monotonic()
         if self.actor is not None and (force or now - self.last > 0.2):
             self.last = now
-            self.actor.update.remote(self.key, self.done, self.n, os.getpid())
+            ref = self.actor.update.remote(self.key, self.done, self.n, os.getpid())
+            if force:  # the first and the final count are applied before the unit returns: no snapshot misses them
+                ray.get(ref)
 
 
 def run_unit(ref: ModelRef, unit: Unit, device=None, progress_actor=None) -> dict:
