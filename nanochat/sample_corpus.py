@@ -10,7 +10,8 @@ change it):
   2. docstrings of every stdlib module, class and function (parsed with `ast`, nothing is imported; the test
      suite is skipped), and of the pip/setuptools wheels that `ensurepip` bundles;
   3. blocks of source comments from the same files;
-  4. docstrings of the `builtins` types and functions;
+  4. docstrings of the `builtins` types and functions, read in a fresh `python -I -S` (never this process's
+     `builtins`, which libraries patch at run time, e.g. Ray replaces `print`);
   5. plain-text files shipped with the stdlib (LICENSE.txt, idlelib's README/NEWS/...);
   6. stdlib module source files, added in module-name order until the corpus reaches TARGET_CHARS.
 
@@ -23,8 +24,9 @@ Python version therefore gives byte-identical shards on any machine; `corpus_fin
 
 import ast
 import hashlib
-import inspect
+import json
 import os
+import subprocess
 import sys
 import sysconfig
 import zipfile
@@ -114,19 +116,34 @@ def _comment_blocks(source):
         yield " ".join(block)
 
 
-def _builtin_docs():
-    import builtins
+# Run in a pristine interpreter (-I: no PYTHON* env vars or user site; -S: no site/sitecustomize), so the result
+# is the C docstrings of this Python version only. Reading `builtins` in the calling process is not deterministic:
+# libraries patch it at run time (Ray Train/Serve and tqdm_ray replace `builtins.print` with their own documented
+# functions), which changed one document and shifted the later shards when the corpus was built in such a process.
+_BUILTIN_DOCS_SCRIPT = """
+import builtins, inspect, json, sys
+docs = []
+for name in sorted(vars(builtins)):
+    obj = vars(builtins)[name]
+    doc = getattr(obj, "__doc__", None)
+    if isinstance(doc, str):
+        docs.append(inspect.cleandoc(doc))
+    if isinstance(obj, type):
+        for attr in sorted(vars(obj)):
+            sub = getattr(vars(obj)[attr], "__doc__", None)
+            if isinstance(sub, str):
+                docs.append(inspect.cleandoc(sub))
+sys.stdout.buffer.write(json.dumps(docs).encode("utf-8"))
+"""
 
-    for name in sorted(dir(builtins)):
-        obj = getattr(builtins, name)
-        doc = getattr(obj, "__doc__", None)
-        if isinstance(doc, str) and len(doc) >= MIN_DOC_CHARS:
-            yield inspect.cleandoc(doc)
-        if inspect.isclass(obj):
-            for attr in sorted(vars(obj)):
-                sub = getattr(vars(obj)[attr], "__doc__", None)
-                if isinstance(sub, str) and len(sub) >= MIN_DOC_CHARS:
-                    yield inspect.cleandoc(sub)
+
+def _builtin_docs():
+    """Docstrings of the `builtins` types (and their members) and functions, read in a fresh `python -I -S`."""
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _BUILTIN_DOCS_SCRIPT], capture_output=True, check=True,
+                         timeout=120)
+    for doc in json.loads(out.stdout.decode("utf-8")):
+        if len(doc) >= MIN_DOC_CHARS:
+            yield doc
 
 
 def _text_files(root):
