@@ -495,11 +495,6 @@ class _Run:
         self.model_config = asdict(model.config)
         print0(f"Model config:\n{json.dumps(self.model_config, indent=2)}")
         model.to_empty(device=self.device)
-        # Re-seed (compute_init's seed): the weights must not depend on whether this process already measured the
-        # CPU peak (cpu_peak_flops draws random matrices from the global RNG on its first, cached call).
-        torch.manual_seed(42)
-        if self.device_type == "cuda":
-            torch.cuda.manual_seed(42)
         model.init_weights()
         self.checkpoint_dir = checkpoint_dir_for(cfg)
         # Where to resume from: the launcher's registry (Ray) wins over --resume-from-step.
