@@ -8,6 +8,7 @@ REF_DIR holds what the test computed single-process first (the full optimizer st
 the top (tiny GPT, micro-batches, fixture menagerie) are shared with the test, which imports this module.
 """
 
+import faulthandler
 import os
 import sys
 
@@ -103,6 +104,9 @@ def main(ref_dir: str, out_dir: str) -> None:
 
     from nanochat.optim import shard_optimizer_state
 
+    # A native abort (SIGABRT from std::terminate) otherwise leaves no trace of where it happened: dump every
+    # thread's Python stack to stderr, which the test shows when the launch fails.
+    faulthandler.enable(all_threads=True)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, world
@@ -148,6 +152,7 @@ def main(ref_dir: str, out_dir: str) -> None:
     if rank == 0:
         torch.save(snapshot(params), os.path.join(out_dir, "odd_params.pt"))
     torch.save(opt.state_dict(), os.path.join(out_dir, f"odd_optim_rank{rank}.pt"))
+    dist.barrier()  # no rank tears its gloo pairs down while the other still has traffic or files in flight
     dist.destroy_process_group()
 
 
