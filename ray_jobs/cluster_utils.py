@@ -107,6 +107,7 @@ def connect(
     if address:
         kwargs["address"] = address
     else:
+        kwargs["address"] = "local"  # never join a stray `ray start` cluster recorded in /tmp/ray
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         if include_dashboard is not None:

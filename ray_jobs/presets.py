@@ -41,7 +41,7 @@ def _ray(**kw) -> dict:
         "use_gpu": "auto",  # auto | 1 | 0
         "max_failures": 3,  # Train worker-group restarts (-1 = infinite, e.g. spot nodes)
         "report_every": 10,  # ray.train.report every N steps
-        "ray_data_actors": 0,  # > 0: feed each training worker from a Ray Data tokenizer pool of this many actors
+        "ray_data_actors": -1,  # -1 auto (Ray Data tokenizer actors on GPU workers, plain loader on CPU); N > 0 forces N actors
         "eval_shards_per_task": 1,  # eval fan-out: Ray tasks per CORE / chat task
         "eval_gpus_per_task": -1.0,  # -1 = 1 on GPU clusters, 0 on CPU
         "num_cpus": -1,  # embedded cluster only: logical CPUs (-1 = Ray's default, the machine's cores)
