@@ -251,7 +251,7 @@ def get_peak_bandwidth(device_name: str) -> float:
     return _lookup(_PEAK_BANDWIDTH, device_name, "bandwidth")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_peak_flops(n: int = 1024, seconds: float = 0.3) -> float:
     """Measured fp32 matmul FLOP/s of this process's CPU threads: the MFU denominator on CPU.
 
