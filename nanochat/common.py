@@ -258,7 +258,9 @@ def cpu_peak_flops(n: int = 1024, seconds: float = 0.3) -> float:
     A large square matmul is as close to peak as PyTorch gets on a CPU, so MFU against it reads as
     "fraction of achievable matmul throughput". Measured once per process (about 0.3-0.5 s).
     """
+    rng_state = torch.get_rng_state()  # leave the global RNG untouched: weight init must not depend on this call
     a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.set_rng_state(rng_state)
     a @ b  # warm up the BLAS threads
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
