@@ -10,21 +10,15 @@ Every flag combination is validated (and storage checked) before Ray starts. Res
 wrote it. Checkpoints: <base dir>/base_checkpoints/<tag>/ (local or s3://); Ray run state: --storage.
 """
 
-import argparse
+import functools
 import sys
 
-from nanochat.common import NanochatError, print0, print_banner
 from nanochat.train import BaseTrainConfig, plan_for, train
 from ray_jobs import train_common as tc
 
 
 def parse_args(argv=None) -> tuple[BaseTrainConfig, tc.ClusterArgs]:
-    parser = argparse.ArgumentParser(description="Pretrain base model (on Ray Train)")
-    tc.add_config_flags(parser, BaseTrainConfig)
-    tc.add_cluster_flags(parser)
-    args = parser.parse_args(argv)
-    cfg_kwargs, cluster = tc.split_args(args, BaseTrainConfig)
-    return BaseTrainConfig(**cfg_kwargs), cluster
+    return tc.parse_job_args(BaseTrainConfig, "Pretrain base model (on Ray Train)", argv)
 
 
 def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainConfig, bool, str]:
@@ -49,30 +43,17 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
     return cfg, use_gpu, cluster.name or f"base_train-{cfg.tag}"
 
 
-def worker_fn(config: dict, sink_cls=tc.RaySink) -> None:
-    """Runs in every Ray Train worker: the library loop with a RaySink, then one final report (all ranks)."""
-    cfg = BaseTrainConfig.from_dict(config["cfg"])
-    sink = sink_cls(config["run_name"], config["report_every"], config.get("ray_data_actors", 0))
-    sink.report_final(train(cfg, sink))
+# Runs in every Ray Train worker: train(cfg, RaySink), then one final report. worker_fn(config, sink_cls=...)
+worker_fn = functools.partial(tc.run_loop, train, BaseTrainConfig)
+
+
+def summary(r: dict) -> str:
+    return (f"Final: step {r.get('step')} | min val bpb {r.get('min_val_bpb')} | "
+            f"checkpoints in {r.get('checkpoint_dir')}")
 
 
 def main(argv=None) -> int:
-    print_banner()
-    try:
-        cfg, cluster = parse_args(argv)
-        cfg, use_gpu, run_name = prepare(cfg, cluster)
-        if cluster.num_workers == 0:
-            result = train(cfg)
-        else:
-            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every,
-                           "ray_data_actors": cluster.ray_data_actors}
-            result = tc.run_trainer(worker_fn, loop_config, cluster, use_gpu, run_name).metrics
-    except NanochatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print0(f"Final: step {result.get('step')} | min val bpb {result.get('min_val_bpb')} | "
-          f"checkpoints in {result.get('checkpoint_dir')}")
-    return 0
+    return tc.run_job(parse_args, prepare, train, worker_fn, summary, argv)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,15 @@ the task data are checked before Ray starts. Resubmitting with the same --name (
 after the newest checkpoint of that run (weights only; RL saves no optimizer state).
 """
 
-import argparse
+import functools
 import sys
 
-from nanochat.common import NanochatError, print_banner
 from nanochat.rl import RLConfig, load_tasks, num_steps_for, resolve_sft_checkpoint, rl
 from ray_jobs import train_common as tc
 
 
 def parse_args(argv=None) -> tuple[RLConfig, tc.ClusterArgs]:
-    parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (on Ray Train)")
-    tc.add_config_flags(parser, RLConfig)
-    tc.add_cluster_flags(parser)
-    args = parser.parse_args(argv)
-    cfg_kwargs, cluster = tc.split_args(args, RLConfig)
-    return RLConfig(**cfg_kwargs), cluster
+    return tc.parse_job_args(RLConfig, "Reinforcement learning on GSM8K (on Ray Train)", argv)
 
 
 def prepare(cfg: RLConfig, cluster: tc.ClusterArgs) -> tuple[RLConfig, bool, str]:
@@ -49,29 +43,17 @@ def prepare(cfg: RLConfig, cluster: tc.ClusterArgs) -> tuple[RLConfig, bool, str
     return cfg, use_gpu, cluster.name or f"chat_rl-{tag}"
 
 
-def worker_fn(config: dict, sink_cls=tc.RaySink) -> None:
-    """Runs in every Ray Train worker: the library loop with a RaySink, then one final report (all ranks)."""
-    cfg = RLConfig.from_dict(config["cfg"])
-    sink = sink_cls(config["run_name"], config["report_every"])
-    sink.report_final(rl(cfg, sink))
+# Runs in every Ray Train worker: rl(cfg, RaySink), then one final report. worker_fn(config, sink_cls=...)
+worker_fn = functools.partial(tc.run_loop, rl, RLConfig)
+
+
+def summary(r: dict) -> str:
+    return (f"Final: {r.get('num_steps')} steps | pass@k {r.get('final_pass_at_k')} | "
+            f"checkpoints in {r.get('checkpoint_dir')}")
 
 
 def main(argv=None) -> int:
-    print_banner()
-    try:
-        cfg, cluster = parse_args(argv)
-        cfg, use_gpu, run_name = prepare(cfg, cluster)
-        if cluster.num_workers == 0:
-            result = rl(cfg)
-        else:
-            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every}
-            result = tc.run_trainer(worker_fn, loop_config, cluster, use_gpu, run_name).metrics
-    except NanochatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"Final: {result.get('num_steps')} steps | pass@k {result.get('final_pass_at_k')} | "
-          f"checkpoints in {result.get('checkpoint_dir')}")
-    return 0
+    return tc.run_job(parse_args, prepare, rl, worker_fn, summary, argv)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,15 @@ LRs from its meta, writes chatsft_checkpoints/<tag>/ under the base dir (local o
 restarted worker group or a resubmitted run (same --name) resumes from the newest SFT checkpoint.
 """
 
-import argparse
+import functools
 import sys
 
-from nanochat.common import NanochatError, print0
 from nanochat.sft import SFTConfig, sft
 from ray_jobs import train_common as tc
 
 
 def parse_args(argv=None) -> tuple[SFTConfig, tc.ClusterArgs]:
-    parser = argparse.ArgumentParser(description="Supervised fine-tuning (SFT) the model (on Ray Train)")
-    tc.add_config_flags(parser, SFTConfig)
-    tc.add_cluster_flags(parser)
-    args = parser.parse_args(argv)
-    cfg_kwargs, cluster = tc.split_args(args, SFTConfig)
-    return SFTConfig(**cfg_kwargs), cluster
+    return tc.parse_job_args(SFTConfig, "Supervised fine-tuning (SFT) the model (on Ray Train)", argv)
 
 
 def prepare(cfg: SFTConfig, cluster: tc.ClusterArgs) -> tuple[SFTConfig, bool, str]:
@@ -55,28 +49,17 @@ def prepare(cfg: SFTConfig, cluster: tc.ClusterArgs) -> tuple[SFTConfig, bool, s
     return cfg, use_gpu, cluster.name or f"chat_sft-{tag}"
 
 
-def worker_fn(config: dict, sink_cls=tc.RaySink) -> None:
-    cfg = SFTConfig.from_dict(config["cfg"])
-    sink = sink_cls(config["run_name"], config["report_every"], config.get("ray_data_actors", 0))
-    sink.report_final(sft(cfg, sink))
+# Runs in every Ray Train worker: sft(cfg, RaySink), then one final report. worker_fn(config, sink_cls=...)
+worker_fn = functools.partial(tc.run_loop, sft, SFTConfig)
+
+
+def summary(r: dict) -> str:
+    return (f"Final: step {r.get('step')} | val bpb {r.get('val_bpb')} | "
+            f"chat eval {r.get('chat_eval')} | checkpoints in {r.get('checkpoint_dir')}")
 
 
 def main(argv=None) -> int:
-    try:
-        cfg, cluster = parse_args(argv)
-        cfg, use_gpu, run_name = prepare(cfg, cluster)
-        if cluster.num_workers == 0:
-            result = sft(cfg)
-        else:
-            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every,
-                           "ray_data_actors": cluster.ray_data_actors}
-            result = tc.run_trainer(worker_fn, loop_config, cluster, use_gpu, run_name).metrics
-    except NanochatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print0(f"Final: step {result.get('step')} | val bpb {result.get('val_bpb')} | chat eval {result.get('chat_eval')} "
-          f"| checkpoints in {result.get('checkpoint_dir')}")
-    return 0
+    return tc.run_job(parse_args, prepare, sft, worker_fn, summary, argv)
 
 
 if __name__ == "__main__":

@@ -39,18 +39,11 @@ from typing import Any
 import ray
 import torch
 
+from nanochat.train import SAMPLE_PROMPTS  # base_eval samples the prompts that training samples
+
 # Environment the workers need to see the same files and endpoints as the driver (Ray does not forward
 # driver-side environment changes made after ray.init, so we pass them with every unit).
 FORWARD_ENV_PREFIXES = ("NANOCHAT_", "AWS_")
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 
 
 def forwarded_env() -> dict[str, str]:

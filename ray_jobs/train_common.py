@@ -27,6 +27,7 @@ Design (see README "Training on Ray"):
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import typing
@@ -37,6 +38,10 @@ from nanochat.train import TrainSink
 
 # Environment forwarded to the Ray job and its workers: storage credentials/endpoint, nanochat and wandb settings.
 FORWARD_ENV_PREFIXES = ("AWS_", "NANOCHAT_", "WANDB_", "HF_", "OMP_NUM_THREADS", "PYTORCH_")
+# Ray 2.60's Train V2 patches print() in workers to log through the root logger, and also prints to sys.stdout
+# when that is not sys.__stdout__ (always so in a Ray worker): every line reached the driver twice, from the
+# worker's .out and .err. Workers print plainly; Ray's log monitor still forwards and stores every line once.
+TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 AUTO_RAY_DATA_ACTORS = 2  # --ray-data-actors auto on GPU: tokenizer actors (1 CPU each) per training worker
 
 
@@ -480,7 +485,7 @@ def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: boo
             name=run_name,
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
-            worker_runtime_env={"env_vars": forwarded_env()},
+            worker_runtime_env={"env_vars": {**forwarded_env(), **TRAIN_WORKER_ENV}},
             **fs_kwargs,
         ),
     )
@@ -489,3 +494,46 @@ def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: boo
 
 def cluster_dict(cluster: ClusterArgs) -> dict:
     return asdict(cluster)
+
+
+# -----------------------------------------------------------------------------
+# The entry points' shared shape: parse -> prepare (no Ray yet) -> run in-process or on a TorchTrainer
+
+
+def parse_job_args(cfg_cls, description: str, argv=None):
+    """The loop config's flags plus the cluster flags. Returns (cfg_cls instance, ClusterArgs)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_flags(parser, cfg_cls)
+    add_cluster_flags(parser)
+    cfg_kwargs, cluster = split_args(parser.parse_args(argv), cfg_cls)
+    return cfg_cls(**cfg_kwargs), cluster
+
+
+def run_loop(loop, cfg_cls, config: dict, sink_cls=RaySink) -> None:
+    """A Ray Train worker's body: the library loop with a RaySink, then one final report (all ranks).
+    Entry points bind it as worker_fn = functools.partial(run_loop, loop, cfg_cls)."""
+    cfg = cfg_cls.from_dict(config["cfg"])
+    sink = sink_cls(config["run_name"], config["report_every"], config.get("ray_data_actors", 0))
+    sink.report_final(loop(cfg, sink))
+
+
+def run_job(parse, prepare, loop, worker_fn, summary, argv=None) -> int:
+    """main() of base_train / chat_sft / chat_rl. A NanochatError (bad flags, missing checkpoint, unreachable
+    storage) prints one line and exits 2, before Ray starts when prepare() catches it."""
+    from nanochat.common import print0, print_banner
+
+    print_banner()
+    try:
+        cfg, cluster = parse(argv)
+        cfg, use_gpu, run_name = prepare(cfg, cluster)
+        if cluster.num_workers == 0:
+            result = loop(cfg)
+        else:
+            loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every,
+                           "ray_data_actors": cluster.ray_data_actors}
+            result = run_trainer(worker_fn, loop_config, cluster, use_gpu, run_name).metrics
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print0(summary(result))
+    return 0

@@ -200,8 +200,10 @@ def test_submit_kill_mid_pretraining_resubmit_resumes(cluster, tmp_path):
     m = re.search(r"Resuming optimization from step (\d+)", logs2)
     assert m, logs2[-4000:]
     assert int(m.group(1)) >= resume_from >= SAVE_EVERY  # resumed, not restarted
-    trained = {int(s) for s in re.findall(rf"step (\d+)/{ITERS:05d}", logs2)}
+    step_lines = re.findall(rf"step (\d+)/{ITERS:05d}", logs2)
+    trained = {int(s) for s in step_lines}
     assert trained and min(trained) >= int(m.group(1))  # no step before the checkpoint was recomputed
+    assert len(step_lines) == len(trained), "a worker's step line reached the job log more than once"
     assert "[speedrun] all stages finished" in logs2 and f"[speedrun] report: {base / 'report.md'}" in logs2
 
     # one consistent history: every step once, in order, across both jobs

@@ -216,3 +216,15 @@ def test_wandb_offline_run_is_written_by_rank0(base_dir, monkeypatch, tmp_path):
     train(tiny_cfg(run="unit-run", num_iterations=1, eval_every=1))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_cpu_peak_measurement_leaves_the_global_rng_alone():
+    """MFU's CPU peak is measured lazily inside train(); it must not shift the weights a seed gives."""
+    from nanochat.common import cpu_peak_flops
+
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    peak = cpu_peak_flops.__wrapped__(n=128, seconds=0.02, bursts=4)
+    assert torch.equal(torch.rand(4), expected)
+    assert math.isfinite(peak) and peak > 0

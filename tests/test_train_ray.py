@@ -249,11 +249,6 @@ def test_ray_data_pipeline_gives_plain_loader_losses_and_resumes(ray_cluster, tm
     write_shards(docs, get_data_dir(), docs_per_shard=128, val_docs=64, row_group_size=16)
     steps = 6
     kw = dict(data="parquet", vocab_size=-1, num_iterations=steps)
-    # Like the fresh Train worker, measure the CPU peak again: its first (cached) call draws from the global RNG
-    # between compute_init's seed and the weight init, so an earlier train() in this process changes the init.
-    from nanochat.common import cpu_peak_flops
-
-    cpu_peak_flops.cache_clear()
     plain = dict(train(BaseTrainConfig(**cfg_dict("rd_plain", **kw)))["losses"])
     fault = {"step": 4, "rank": 0, "kind": "raise", "marker": str(tmp_path / "failed"), "log": str(tmp_path / "log")}
     result = fit(cfg_dict("rd", save_every=3, **kw), "rd-run", num_workers=1, worker=data_path_worker, max_failures=1,
