@@ -134,7 +134,7 @@ def main(argv=None):
     from nanochat.common import cpu_peak_flops
 
     torch.set_num_threads(args.threads)
-    peak = cpu_peak_flops(seconds=1.0)
+    peak = cpu_peak_flops(bursts=20)
     for r in rows.values():
         if "tok_per_sec" in r:
             fpt = r.get("flops_per_token", rows["in_process"]["flops_per_token"])
