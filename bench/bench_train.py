@@ -2,17 +2,18 @@
 Training throughput: the same config (a) in-process, (b) TorchTrainer with 1 worker, (c) TorchTrainer with 2
 workers, plus Ray's start-up time to the first step, and optionally upstream nanochat's base_train on the same data.
 
-    python -m bench.bench_train                                  # depth 2, T 128, 20 steps on the sample corpus
+    python -m bench.bench_train                                  # depth 2, T 128, 30 steps on the sample corpus
     python -m bench.bench_train --upstream /tmp/upstream         # also run upstream scripts.base_train (its checkout)
     python -m bench.bench_train --steps 30 --depth 4 --seq 256
 
+Every row uses the same --compile setting (default 1: torch.compile, as upstream's base_train always does, so
+(a) and upstream run the same config); `in_process_eager` adds our CPU default (no compile) for reference.
 Data: the offline sample corpus and a 2048-token tokenizer in --base-dir (prepared on first use). Throughput is
 total batch / MEDIAN step time over the steps after the first two (warm-up; the median resists bursts of load from
 other processes on a shared machine). CPU MFU is against the measured fp32 matmul peak of the
 process (nanochat.common.cpu_peak_flops), so it is as noisy as the machine. Every run uses --threads torch threads
 per process (default 1: on a shared machine OpenMP threads that spin-wait for busy cores are several times slower
-than one thread), so (b) equals (a)'s resources and (c) uses twice the cores. `in_process_compiled` adds
-torch.compile, which upstream always uses, for the comparison with upstream.
+than one thread), so (b) equals (a)'s resources and (c) uses twice the cores.
 Prints a table, then a JSON object as the last line.
 """
 
@@ -73,7 +74,7 @@ def run_ray(args, num_workers: int, t_start: float) -> dict:
     cluster = tc.ClusterArgs(num_workers=num_workers, cpus_per_worker=args.threads, max_failures=0, report_every=10,
                              storage=os.path.join(os.environ["NANOCHAT_BASE_DIR"], "ray_runs"))
     name = f"bench-{num_workers}w-{int(time.time())}"
-    cfg = config(args, f"bench_{num_workers}w")
+    cfg = config(args, f"bench_{num_workers}w", args.compile)
     t0 = time.time()
     result = tc.run_trainer(base_train.worker_fn, {"cfg": cfg.to_dict(), "run_name": name, "report_every": 10},
                             cluster, use_gpu=False, run_name=name)
@@ -107,13 +108,14 @@ def main(argv=None):
     p.add_argument("--base-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "nanochat-bench-train"))
     p.add_argument("--upstream", default=None, help="path to an upstream nanochat checkout to compare with")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (Ray: CPUs per worker)")
+    p.add_argument("--compile", type=int, default=1, help="torch.compile the model in rows (a)-(c) (upstream: always)")
     args = p.parse_args(argv)
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")
     prepare_base_dir(args.base_dir)
 
-    rows = {"in_process": run_in_process(args)}
-    if args.upstream:
-        rows["in_process_compiled"] = run_in_process(args, compile=1)
+    rows = {"in_process": run_in_process(args, args.compile)}
+    if args.compile:
+        rows["in_process_eager"] = run_in_process(args, compile=0)
     t_start = time.time()  # Ray start-up (ray.init) counts towards (b)'s time to first step
     import ray
 
@@ -141,7 +143,7 @@ def main(argv=None):
             r["mfu"] = 100 * fpt * r["tok_per_sec"] / (peak * r.get("world", 1))
     base = rows["in_process"]["tok_per_sec"]
     print(f"config: depth {args.depth}, T {args.seq}, B {args.batch}, total batch {args.total} tokens, "
-          f"{args.steps} steps, {args.threads} thread(s) per process, {os.cpu_count()} CPUs")
+          f"{args.steps} steps, {args.threads} thread(s) per process, {os.cpu_count()} CPUs, compile {args.compile}")
     print(f"{'run':<22}{'tok/s':>10}{'vs (a)':>8}{'MFU %':>8}{'first step s':>14}")
     for name, r in rows.items():
         if "error" in r:
@@ -153,6 +155,8 @@ def main(argv=None):
     summary = {"config": vars(args), "results": rows, "peak_flops_per_process": peak,
                "trainer_1w_vs_in_process": rows["trainer_1_worker"]["tok_per_sec"] / base,
                "ray_start_to_first_step_s": rows["trainer_1_worker"]["first_step_s"]}
+    if "tok_per_sec" in rows.get("upstream_in_process", {}):
+        summary["in_process_vs_upstream"] = base / rows["upstream_in_process"]["tok_per_sec"]
     print(json.dumps(summary))
 
 
