@@ -111,6 +111,14 @@ def main(argv=None):
     p.add_argument("--compile", type=int, default=1, help="torch.compile the model in rows (a)-(c) (upstream: always)")
     args = p.parse_args(argv)
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+    from nanochat.common import NanochatError
+    from nanochat.train import check_batch_divisible
+
+    try:  # row (c) runs 2 workers: fail now rather than after the first rows
+        check_batch_divisible(args.total, args.batch, args.seq, 2)
+    except NanochatError as e:
+        p.error(str(e).replace("--device-batch-size", "--batch").replace("--max-seq-len", "--seq")
+                .replace("--total-batch-size", "--total"))
     prepare_base_dir(args.base_dir)
 
     rows = {"in_process": run_in_process(args, args.compile)}
