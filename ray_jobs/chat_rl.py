@@ -30,6 +30,7 @@ def prepare(cfg: RLConfig, cluster: tc.ClusterArgs) -> tuple[RLConfig, bool, str
     for world in tc.world_sizes(cluster):
         cfg.validate(world)
     use_gpu = tc.resolve_use_gpu(cluster, cfg.device_type) if cluster.num_workers > 0 else False
+    cluster.ray_data_actors = 0  # RL samples from the task, not the pretraining shards: no tokenizer actors
     if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
         cfg.device_type = "cpu"  # workers must not autodetect a GPU that Ray did not assign to them
     sft_dir, sft_step = resolve_sft_checkpoint(cfg.model_tag, cfg.model_step)  # names chat_sft when missing
