@@ -11,6 +11,8 @@ The `*_counts` functions score an explicit subset (batches for categorical, prob
 upstream-shaped versions that stride over torch.distributed ranks and all-reduce.
 """
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -160,21 +162,35 @@ def run_categorical_eval(task_object, tokenizer, model, batch_size, max_problems
     return passed / total
 
 
+def _progress_printer(rank: int, total: int):
+    """(tick(k), is_tty). On a terminal, upstream's per-rank line rewritten in place after every problem. Elsewhere
+    (Ray task and job logs, files) a carriage return does not rewrite, so one line per tenth of the problems."""
+    tty = sys.stdout.isatty()
+    every = max(1, total // 10)
+    done = 0
+
+    def tick(k: int) -> None:
+        nonlocal done
+        before, done = done, done + k
+        if tty:
+            print(f"\r\033[KRank {rank} | {done} done", end="", flush=True)
+        elif done // every > before // every or (done == total and before < total):
+            print(f"Rank {rank} | {done}/{total} done", flush=True)
+
+    return tick, tty
+
+
 def run_generative_eval(
     task_object, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k, max_problems=None
 ) -> float:
     _, rank, _, world = get_dist_info()
-    state = {"passed": 0, "total": 0}
-
-    def live(k):  # the in-place per-rank progress line upstream prints
-        state["total"] += k
-        print(f"\r\033[KRank {rank} | {state['total']} done", end="", flush=True)
-
     problems = range(rank, num_problems(task_object, max_problems), world)
+    live, tty = _progress_printer(rank, len(problems))
     passed, total = generative_counts(
         task_object, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k, max_problems, problems, live
     )
-    print()
+    if tty:
+        print()
     passed, total = _all_reduce_counts(passed, total, model.get_device())
     print0("=" * 50)
     print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")

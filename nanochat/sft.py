@@ -26,10 +26,10 @@ from nanochat.common import (
     COMPUTE_DTYPE_REASON,
     DummyWandb,
     NanochatError,
+    PeakFlops,
     autodetect_device_type,
     compute_cleanup,
     compute_init,
-    device_peak_flops,
     get_base_dir,
     is_ddp_initialized,
     print0,
@@ -326,7 +326,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
     master = rank == 0
     sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    peak_flops = device_peak_flops(device)
+    peak = PeakFlops(device)
     if cfg.run == "dummy" or not master:
         wandb_run = DummyWandb()
     else:
@@ -468,7 +468,9 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
             smooth = 0.9 * smooth + 0.1 * loss_f
             debiased = smooth / (1 - 0.9 ** (step + 1))
             tok_per_sec = int(cfg.total_batch_size / dt)
-            mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (peak_flops * world)
+            if step % 10 == 1:
+                peak.refresh()
+            mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (peak.value * world)
             if step > 10:
                 total_time += dt
             print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: "

@@ -32,10 +32,10 @@ from nanochat.common import (
     COMPUTE_DTYPE_REASON,
     DummyWandb,
     NanochatError,
+    PeakFlops,
     autodetect_device_type,
     compute_cleanup,
     compute_init,
-    device_peak_flops,
     get_base_dir,
     is_ddp_initialized,
     print0,
@@ -452,11 +452,11 @@ class _Run:
         self.master = self.rank == 0
         self.sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
         print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-        self.peak_flops = device_peak_flops(self.device)
+        self.peak = PeakFlops(self.device)
         if device_type == "cuda":
-            print0(f"GPU: {torch.cuda.get_device_name(self.device)} | Peak FLOPS (BF16): {self.peak_flops:.2e}")
+            print0(f"GPU: {torch.cuda.get_device_name(self.device)} | Peak FLOPS (BF16): {self.peak.value:.2e}")
         elif device_type == "cpu":
-            print0(f"CPU: {torch.get_num_threads()} threads | Peak FLOPS (measured fp32 matmul): {self.peak_flops:.2e}")
+            print0(f"CPU: {torch.get_num_threads()} threads | Peak FLOPS (measured fp32 matmul): {self.peak.value:.2e}")
         self.wandb = self._init_wandb()
         self._print_attention_backend()
         self.tokenizer, self.token_bytes, self.vocab_size = _load_tokenizer(cfg, self.device)
@@ -711,7 +711,9 @@ class _Run:
         debiased = self.smooth_loss / (1 - 0.9 ** (self.step + 1))
         pct = 100 * self.step / plan.num_iterations
         tok_per_sec = int(plan.total_batch_size / dt)
-        mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (self.peak_flops * self.world)
+        if self.step % 10 == 0:
+            self.peak.refresh()
+        mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (self.peak.value * self.world)
         if self.step > 10:
             self.total_time += dt  # the first steps include compilation and warm-up
         eta = ""
@@ -814,7 +816,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         "total_batch_size": plan.total_batch_size, "grad_accum_steps": plan.grad_accum_steps,
         "world_size": run.world, "checkpoint_dir": run.checkpoint_dir, "losses": losses,
         "tok_per_sec": _mean(tok_rates[steady]), "mfu": _mean(mfus[steady]), "total_training_time": run.total_time,
-        "step_times": dts, "flops_per_token": plan.flops_per_token, "peak_flops": run.peak_flops,
+        "step_times": dts, "flops_per_token": plan.flops_per_token, "peak_flops": run.peak.value,
         "core_metrics": sorted(run.core_history),
         "core_metric": max(run.core_history)[1] if run.core_history else None,  # the latest step's
     }  # fmt: skip

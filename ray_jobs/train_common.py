@@ -26,6 +26,7 @@ Design (see README "Training on Ray"):
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -509,9 +510,22 @@ def parse_job_args(cfg_cls, description: str, argv=None):
     return cfg_cls(**cfg_kwargs), cluster
 
 
+def _quiet_per_report_log() -> None:
+    """Ray 2.60's Train worker context logs every ray.train.report() at INFO, metrics dict included (the final one
+    carries per-step losses: ~13 kB on one line), through a logger named after its source file. That name is outside
+    the `ray.train` hierarchy, so RunConfig's LoggingConfig level does not reach it and each report landed in the
+    job's console log. Raise just that logger to WARNING; the reports still reach the controller and the dashboard."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def run_loop(loop, cfg_cls, config: dict, sink_cls=RaySink) -> None:
     """A Ray Train worker's body: the library loop with a RaySink, then one final report (all ranks).
     Entry points bind it as worker_fn = functools.partial(run_loop, loop, cfg_cls)."""
+    _quiet_per_report_log()
     cfg = cfg_cls.from_dict(config["cfg"])
     sink = sink_cls(config["run_name"], config["report_every"], config.get("ray_data_actors", 0))
     sink.report_final(loop(cfg, sink))

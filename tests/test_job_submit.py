@@ -204,6 +204,7 @@ def test_submit_kill_mid_pretraining_resubmit_resumes(cluster, tmp_path):
     trained = {int(s) for s in step_lines}
     assert trained and min(trained) >= int(m.group(1))  # no step before the checkpoint was recomputed
     assert len(step_lines) == len(trained), "a worker's step line reached the job log more than once"
+    assert "Reporting training result" not in logs2, "Ray Train's per-report INFO line (metrics dict) is back"
     assert "[speedrun] all stages finished" in logs2 and f"[speedrun] report: {base / 'report.md'}" in logs2
 
     # one consistent history: every step once, in order, across both jobs

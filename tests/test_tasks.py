@@ -273,3 +273,24 @@ def test_chat_eval_cli_bad_input(base_dir, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "ray_jobs.chat_sft" in err and "Traceback" not in err
     assert not os.path.exists(base_dir / "chat_eval")
+
+
+def test_generative_eval_progress_is_one_line_per_tenth_off_a_terminal(capsys, monkeypatch):
+    """Ray task and job logs turn each '\\r' rewrite into a new line: 100 problems printed 100 progress lines."""
+    from nanochat.chat_eval import _progress_printer
+
+    tick, tty = _progress_printer(rank=0, total=25)
+    for _ in range(25):
+        tick(1)
+    lines = capsys.readouterr().out.splitlines()
+    assert not tty and lines == [f"Rank 0 | {n}/25 done" for n in (*range(2, 25, 2), 25)]
+
+    tick, _ = _progress_printer(rank=1, total=7)
+    tick(3), tick(4)  # several problems per call still print each milestone once
+    assert capsys.readouterr().out.splitlines() == ["Rank 1 | 3/7 done", "Rank 1 | 7/7 done"]
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    tick, tty = _progress_printer(rank=0, total=3)
+    for _ in range(3):
+        tick(1)
+    assert tty and capsys.readouterr().out == "".join(f"\r\033[KRank 0 | {n} done" for n in (1, 2, 3))
