@@ -297,12 +297,20 @@ class PeakFlops:
     """The MFU denominator of a training loop: `value` starts at device_peak_flops(device), and on CPU `refresh()`
     (one 40 ms matmul burst) raises it to the best rate seen so far. A Ray Train worker measures its peak while
     Ray's dashboard agent and Train controller are still starting on the same cores: on a 2-core machine that read
-    1.03e11 FLOP/s against 2.2e11 measured quietly, and MFU showed 92%. Loops refresh every 10 steps (0.3% of a
-    1.3 s step), so a low start-up reading is corrected within the first few refreshes."""
+    1.03e11 FLOP/s against 2.2e11 measured quietly, and MFU showed 92%. Loops read `current()` once per step, which
+    refreshes every 10th call (0.3% of a 1.3 s step), so a low start-up reading is corrected within a few refreshes."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, refresh_every: int = 10):
         self.on_cpu = device.type == "cpu"
         self.value = device_peak_flops(device)
+        self.refresh_every, self.calls = refresh_every, 0
+
+    def current(self) -> float:
+        """The denominator for this step: refreshed first on the 1st, 11th, 21st, ... call."""
+        if self.calls % self.refresh_every == 0:
+            self.refresh()
+        self.calls += 1
+        return self.value
 
     def refresh(self) -> float:
         if self.on_cpu:

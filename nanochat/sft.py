@@ -468,9 +468,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
             smooth = 0.9 * smooth + 0.1 * loss_f
             debiased = smooth / (1 - 0.9 ** (step + 1))
             tok_per_sec = int(cfg.total_batch_size / dt)
-            if step % 10 == 1:
-                peak.refresh()
-            mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (peak.value * world)
+            mfu = 100 * flops_per_token * cfg.total_batch_size / dt / (peak.current() * world)
             if step > 10:
                 total_time += dt
             print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: "

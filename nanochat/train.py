@@ -711,9 +711,7 @@ class _Run:
         debiased = self.smooth_loss / (1 - 0.9 ** (self.step + 1))
         pct = 100 * self.step / plan.num_iterations
         tok_per_sec = int(plan.total_batch_size / dt)
-        if self.step % 10 == 0:
-            self.peak.refresh()
-        mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (self.peak.value * self.world)
+        mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (self.peak.current() * self.world)
         if self.step > 10:
             self.total_time += dt  # the first steps include compilation and warm-up
         eta = ""

@@ -243,3 +243,14 @@ def test_cpu_peak_refresh_only_raises_the_estimate():
     expected = torch.rand(4)
     torch.manual_seed(7)
     assert peak.refresh() == 1e30 and torch.equal(torch.rand(4), expected)  # never lowers it; global RNG untouched
+
+
+def test_cpu_peak_current_refreshes_on_every_tenth_call():
+    from nanochat.common import PeakFlops
+
+    peak = PeakFlops(torch.device("cpu"))
+    peak.value = 1.0
+    assert peak.current() > 1e8  # 1st call: a burst
+    peak.value = 1.0
+    assert [peak.current() for _ in range(9)] == [1.0] * 9  # 2nd..10th: no burst
+    assert peak.current() > 1e8  # 11th
