@@ -143,11 +143,12 @@ _original_attn = None
 _install_lock = threading.Lock()
 
 
-def _rowwise_dispatch(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False, window_size=(-1, -1)):
+def _rowwise_dispatch(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False, window_size=(-1, -1),
+                      **kw):
     rows = getattr(_tls, "rows", None)
     if rows is None:
         return _original_attn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal,
-                              window_size=window_size)
+                              window_size=window_size, **kw)
     out = torch.zeros_like(q)  # (B, T, H, D); dummy rows keep zeros, their outputs are never used
     for b in rows:
         one = slice(b, b + 1)
