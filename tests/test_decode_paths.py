@@ -8,50 +8,10 @@ The model's KV-cache hooks for fast serving (protocol items 5 and 6 in nanochat/
   reads, as captured in a CUDA graph) gives the eager forward's logits.
 """
 
-import contextlib
-
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count reads of tensor values into Python (each is a device->host sync on a GPU)."""
-    counts = {"n": 0}
-    names = ["tolist", "item", "__int__", "__float__", "__bool__", "__index__"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def wrap(fn):
-        def counted(self, *a, **kw):
-            counts["n"] += 1
-            return fn(self, *a, **kw)
-        return counted
-
-    for n in names:
-        setattr(torch.Tensor, n, wrap(saved[n]))
-    try:
-        yield counts
-    finally:
-        for n in names:
-            setattr(torch.Tensor, n, saved[n])
-
-
-def random_model(window_pattern="SSSL", sequence_len=128, seed=0, n_kv_head=2):
-    """A small GPT with every weight random (init_weights zeroes smear/projections, which would hide bugs)."""
-    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=300, n_layer=3, n_head=4, n_kv_head=n_kv_head, n_embd=64,
-                    window_pattern=window_pattern)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            std = p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.3
-            p.copy_(torch.randn(p.shape, generator=g) * std + (0.5 if p.ndim < 2 else 0.0))
-    return model.eval()
+from tests.decode_helpers import count_host_reads, random_model
 
 
 class Cache:
