@@ -68,8 +68,9 @@ class StaticDecoder:
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA model; use use_graphs=False on CPU")
-        self.cache = KVCache(batch_size=rows, num_heads=cfg.n_kv_head, seq_len=capacity, head_dim=cfg.head_dim,
-                             num_layers=cfg.n_layer, device=self.device, dtype=COMPUTE_DTYPE)
+        self.cache = KVCache(batch_size=rows, num_heads=cfg.n_kv_head, seq_len=capacity,
+                             head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=self.device,
+                             dtype=COMPUTE_DTYPE)
         self.cache.prev_embedding = torch.zeros(rows, 1, cfg.n_embd, device=self.device, dtype=COMPUTE_DTYPE)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)  # input token per row
         self.buckets = row_buckets(rows)

@@ -43,3 +43,23 @@ def random_model(window_pattern="SSSL", sequence_len=128, seed=0, n_kv_head=2):
             std = p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.3
             p.copy_(torch.randn(p.shape, generator=g) * std + (0.5 if p.ndim < 2 else 0.0))
     return model.eval()
+
+
+def tiny_chat_model(base: str, depth: int = 2, sequence_len: int = 256):
+    """(model, tokenizer, base) of serve.tiny's random chat checkpoint, written to base and loaded back on CPU."""
+    import os
+
+    from nanochat.checkpoint_manager import load_model
+    from serve.tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(base, depth=depth, sequence_len=sequence_len)
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = base
+    try:
+        model, tok, _ = load_model("sft", "cpu", phase="eval")
+    finally:
+        if old is None:
+            del os.environ["NANOCHAT_BASE_DIR"]
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old
+    return model, tok, base

@@ -20,28 +20,13 @@ from serve.protocol import (
     parse_chat_request,
     render_prompt,
 )
-from serve.tiny import make_tiny_checkpoint
+from tests.decode_helpers import tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(model, tokenizer) of a depth-2 random checkpoint written and loaded through the checkpoint manager."""
-    import os
-
-    from nanochat.checkpoint_manager import load_model
-
-    base = str(tmp_path_factory.mktemp("tinychat"))
-    make_tiny_checkpoint(base, depth=2, sequence_len=256)
-    old = os.environ.get("NANOCHAT_BASE_DIR")
-    os.environ["NANOCHAT_BASE_DIR"] = base
-    try:
-        model, tok, _ = load_model("sft", "cpu", phase="eval")
-    finally:
-        if old is None:
-            del os.environ["NANOCHAT_BASE_DIR"]
-        else:
-            os.environ["NANOCHAT_BASE_DIR"] = old
-    return model, tok, base
+    """(model, tokenizer, base dir) of a depth-2 random checkpoint written and loaded through the checkpoint manager."""
+    return tiny_chat_model(str(tmp_path_factory.mktemp("tinychat")))
 
 
 @pytest.fixture
@@ -108,7 +93,7 @@ def test_batch_invariant_mode_pads_rows_and_attends_row_by_row(tiny, monkeypatch
     from serve import batching
 
     model, tok, _ = tiny
-    sched = BatchScheduler(model, tok, max_batch_size=5, max_seq_len=100)
+    sched = BatchScheduler(model, tok, max_batch_size=5, max_seq_len=100, prefix_block=8)
     assert sched.batch_invariant and sched.cache.batch_size == 8 and sched.capacity == 100
     assert flash_attention.flash_attn.flash_attn_with_kvcache is batching._rowwise_dispatch
     calls, original = [], batching._original_attn
@@ -122,9 +107,11 @@ def test_batch_invariant_mode_pads_rows_and_attends_row_by_row(tiny, monkeypatch
     for p in prompts:
         sched.submit(p, SamplingParams(max_tokens=5, temperature=0.0))
     calls.clear()
-    sched.step()  # 2 prefills (batch 1, whole prompt) + one decode step of 8 rows, attention row by row
+    sched.step()  # 2 prefills (batch 1, one forward per 8-token block) + one decode step of 8 rows, row by row
     n_layer = model.config.n_layer
-    assert calls == [1] * n_layer * 2 + [1] * n_layer * 2
+    blocks = sum(-(-len(p) // 8) for p in prompts)
+    assert blocks > 2 and sched.stats["prefill_forwards"] == blocks
+    assert calls == [1] * n_layer * blocks + [1] * n_layer * 2
     lens = sched.cache.cache_seqlens[:8].tolist()
     assert lens[:2] == [len(prompts[0]) + 1, len(prompts[1]) + 1] and lens[2:] == [1] * 6  # dummies: 0 + 1
 
@@ -185,7 +172,7 @@ class _ScriptedModel:
     def __init__(self, vocab, script):
         from types import SimpleNamespace
 
-        self.config = SimpleNamespace(sequence_len=128, n_kv_head=1, n_head=1, n_embd=8, n_layer=1)
+        self.config = SimpleNamespace(sequence_len=128, n_kv_head=1, n_head=1, n_embd=8, n_layer=1, vocab_size=vocab)
         self.vocab, self.script = vocab, script  # {(position of the input token, input token): next token}
 
     def get_device(self):
@@ -195,10 +182,10 @@ class _ScriptedModel:
         B, T = idx.shape
         logits = torch.zeros(B, T, self.vocab)
         for b in range(B):
-            pos = int(kv_cache.cache_seqlens[b]) + T - 1
-            nxt = self.script.get((pos, int(idx[b, -1])))
-            if nxt is not None:
-                logits[b, -1, nxt] = 100.0
+            for t in range(T):  # every position (a batched prefill reads each row's own last real position)
+                nxt = self.script.get((int(kv_cache.cache_seqlens[b]) + t, int(idx[b, t])))
+                if nxt is not None:
+                    logits[b, t, nxt] = 100.0
         kv_cache.prev_embedding = torch.zeros(B, 1, 8)
         kv_cache.advance(T)
         return logits
