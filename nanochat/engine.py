@@ -260,8 +260,8 @@ class RowState:
 class Engine:
     def __init__(self, model, tokenizer, static=None):
         """static: decode with fixed shapes (nanochat.static_decode), replayed as CUDA graphs on CUDA; None = on CUDA.
-        It keeps one static KV cache of config.sequence_len positions for the largest num_samples seen (bucketed), so
-        each graph is captured once per Engine."""
+        It keeps one static KV cache, grown to the most rows (bucketed) and positions (in blocks of 256) any call has
+        needed, so each graph is captured once per Engine unless a later call needs a bigger cache."""
         self.model = model
         self.tokenizer = tokenizer  # used only for the calculator tool and the special-token ids
         self.static = static
@@ -277,15 +277,17 @@ class Engine:
         """The graph decoder for this call, or None for the eager path (CPU, or too long for the static cache)."""
         device = self.model.get_device()
         use = (device.type == "cuda") if self.static is None else self.static
-        if not use or capacity > self.model.config.sequence_len:
+        limit = self.model.config.sequence_len
+        if not use or capacity > limit:
             return None
-        if self._decoder is None or self._decoder.rows < num_samples:
-            from nanochat.static_decode import StaticDecoder, row_buckets
+        old = self._decoder
+        if old is None or old.rows < num_samples or old.capacity < capacity:
+            from nanochat.static_decode import StaticDecoder
 
-            self._decoder = None  # free the old cache first
-            rows = row_buckets(1 << (num_samples - 1).bit_length())[-1]
-            self._decoder = StaticDecoder(self.model, rows, self.model.config.sequence_len,
-                                          use_graphs=device.type == "cuda")
+            rows = max(old.rows if old else 1, 1 << (num_samples - 1).bit_length())
+            positions = max(old.capacity if old else 0, min(limit, -(-capacity // 256) * 256))
+            self._decoder = None  # free the old cache (and its graphs) first
+            self._decoder = StaticDecoder(self.model, rows, positions, use_graphs=device.type == "cuda")
         return self._decoder
 
     def _budget(self, tokens, num_samples, max_tokens, temperature, top_k):

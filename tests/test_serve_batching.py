@@ -1,8 +1,9 @@
 """python -m pytest tests/test_serve_batching.py -q
 
 The serving core without Ray: continuous batching is exact (batched == alone, bit for bit, for the same seeds),
-the calculator tool works per row, per-token logprobs are the model's raw log-softmax, text streaming never splits a character or shows special tokens, request
-validation matches upstream's limits, and chat_cli works in-process.
+the calculator tool works per row, per-token logprobs are the model's raw log-softmax, text streaming never splits a
+character or shows special tokens, request validation matches upstream's limits, and chat_cli works in-process.
+(The prefill/prefix-cache/static-decode paths: tests/test_serve_fastpaths.py.)
 """
 
 import dataclasses
