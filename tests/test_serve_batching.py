@@ -453,7 +453,9 @@ def test_logprobs_parameter_is_validated(bad):
         SamplingParams(logprobs=bad)
 
 
-def test_forced_tool_tokens_get_logprobs_too(tiny):
+@pytest.mark.parametrize("static", [False, True])
+def test_forced_tool_tokens_get_logprobs_too(tiny, static):
+    """Per-row and batched (static) sampling: forced calculator output is emitted unsampled, with its logprob."""
     _, tok, _ = tiny
     sp = tok.encode_special
     prompt = [tok.get_bos_token_id()] * 3 + [sp("<|assistant_start|>")]
@@ -463,9 +465,10 @@ def test_forced_tool_tokens_get_logprobs_too(tiny):
     script = {(p, seq[p]): seq[p + 1] for p in range(len(prompt) - 1, len(seq) - 1)
               if not (len(prompt) + len(call) <= p + 1 < len(prompt) + len(call) + len(forced))}
     model = _ScriptedModel(tok.get_vocab_size(), script)
-    sched = BatchScheduler(model, tok, max_batch_size=2, batch_invariant=False)
-    events = sched.generate(prompt, SamplingParams(max_tokens=50, temperature=0.0, logprobs=2))
+    sched = BatchScheduler(model, tok, max_batch_size=2, batch_invariant=False, static=static)
+    events = sched.generate(prompt, SamplingParams(max_tokens=50, temperature=0.7, logprobs=2))
     assert [e.token for e in events] == call + forced + [sp("<|assistant_end|>")]
+    assert [e.sampled for e in events] == [True] * len(call) + [False] * len(forced) + [True]
     uniform = -float(torch.log(torch.tensor(float(tok.get_vocab_size()))))
     for e in events:
         assert e.logprob is not None and len(e.top_logprobs) == 2

@@ -6,7 +6,7 @@ serve.batching's serving fast paths, in-process on CPU (the GPU-only part, CUDA 
 - chunked prefill: a long prompt is prefilled over several steps while running requests get a token every step;
 - batched prefill: requests that arrive together share prefill forwards;
 - static decode (the CUDA-graph path run eagerly): batch buckets, batched device sampling with per-row seeds and one
-  host read per step, forced tool tokens, the same greedy tokens as the per-row path;
+  host read per step, the same greedy tokens as the per-row path (forced tool tokens: tests/test_serve_batching.py);
 - a burst of 64 concurrent requests: every stream completes, and one more than the queue holds is refused.
 """
 
@@ -248,25 +248,6 @@ def test_batched_sampler_draws_from_the_filtered_distribution():
     u = uniform_noise(torch.tensor([1, 1]), torch.tensor([0, 0]), torch.tensor([5, 6]), token_hash)
     assert 0 < u.min() and u.max() < 1 and not torch.equal(u[0], u[1])
     assert MAX_LOGPROBS == 20
-
-
-def test_static_forced_tool_tokens_and_their_logprobs(tiny):
-    from tests.test_serve_batching import _ScriptedModel
-
-    _, tok, _ = tiny
-    sp = tok.encode_special
-    prompt = [tok.get_bos_token_id()] * 3 + [sp("<|assistant_start|>")]
-    call = [sp("<|python_start|>")] + tok.encode("6*7") + [sp("<|python_end|>")]
-    forced = [sp("<|output_start|>")] + tok.encode("42") + [sp("<|output_end|>")]
-    seq = prompt + call + forced + [sp("<|assistant_end|>")]
-    script = {(p, seq[p]): seq[p + 1] for p in range(len(prompt) - 1, len(seq) - 1)
-              if not (len(prompt) + len(call) <= p + 1 < len(prompt) + len(call) + len(forced))}
-    sched = BatchScheduler(_ScriptedModel(tok.get_vocab_size(), script), tok, static=True)
-    events = sched.generate(prompt, SamplingParams(max_tokens=50, temperature=0.7, logprobs=1))
-    assert [e.token for e in events] == call + forced + [sp("<|assistant_end|>")]
-    assert [e.sampled for e in events] == [True] * len(call) + [False] * len(forced) + [True]
-    uniform = -float(torch.log(torch.tensor(float(tok.get_vocab_size()))))
-    assert all(e.logprob == pytest.approx(uniform, abs=1e-5) for e in events if not e.sampled)
 
 
 # -----------------------------------------------------------------------------
