@@ -160,6 +160,25 @@ def test_requests_arriving_together_share_prefill_forwards(chat):
         assert [e.logprob for e in out] == pytest.approx([e.logprob for e in alone], abs=1e-4)
 
 
+def test_a_chunk_whose_padding_would_overflow_the_cache_runs_alone(chat):
+    model, tok, turns = chat
+    a, b = turns[2][0][:95], turns[1][0][:50]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    sched = BatchScheduler(model, tok, batch_invariant=False, max_seq_len=100, prefill_chunk=90, prefix_cache_tokens=0)
+    outs = [[], []]
+    sched.submit(a, params, outs[0].append)
+    sched.submit(b, params, outs[1].append)
+    sched.step()  # a: [0, 90); b waits for budget
+    assert sched.stats["prefill_forwards"] == 1 and outs == [[], []]
+    sched.step()  # a: [90, 95) padded to b's 50 would end at 140 > 100: a alone, then b [0, 50)
+    assert sched.stats["prefill_forwards"] == 3 and len(outs[0]) == len(outs[1]) == 2
+    while sched.step():
+        pass
+    for p, out in zip((a, b), outs):
+        alone = BatchScheduler(model, tok, batch_invariant=False, max_seq_len=100).generate(p, params)
+        assert [e.token for e in out] == [e.token for e in alone]
+
+
 # -----------------------------------------------------------------------------
 # Static decode (the CUDA-graph path, eagerly) and batched sampling
 
