@@ -357,7 +357,8 @@ def main_inproc(argv=None):
     static = {"auto": None, "on": True, "off": False}[args.static]
     sched = BatchScheduler(model, tok, max_batch_size=args.max_batch_size, max_waiting=1024, static=static).start()
     try:
-        for c in levels:  # warm-up: every row bucket (CUDA graphs are captured on first use), caches, allocator
+        # warm-up: every row bucket of the static decoder (CUDA graphs are captured on first use), allocator
+        for c in sched.decoder.buckets if sched.decoder else levels:
             inproc_level(sched, c, c, argparse.Namespace(**{**vars(args), "max_tokens": 8}), seed0=10_000)
         rows = [inproc_level(sched, c, args.requests_per_level or max(6, 3 * c), args, seed0=1000 * (i + 1))
                 for i, c in enumerate(levels)]
