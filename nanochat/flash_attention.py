@@ -24,7 +24,14 @@ KV-cache call protocol (what gpt.py does and what nanochat.engine.KVCache provid
      new k/v in place at each row's positions and attends over that row's prefix; it never changes cache_seqlens.
   4. After the last layer gpt.py calls `kv_cache.advance(T)` once (every row's length += T).
 So the cache object needs: cache_seqlens, prev_embedding, get_layer_cache(i), advance(n). k_cache/v_cache must be in
-the dtype of k/v (the compute dtype).
+the dtype of k/v (the compute dtype). Two optional attributes make a forward free of device->host syncs:
+  5. `kv_cache.host_seqlens`: a Python list mirroring cache_seqlens, kept up to date by the cache's owner. When it is
+     present (not None), gpt.py and the attention take lengths from it instead of reading the device tensor back
+     (otherwise: one sync per forward for RoPE and one per layer in the SDPA path). Same numerics.
+  6. `kv_cache.static = True`: a forward with fixed shapes and no host reads at all, so it can be captured in a CUDA
+     graph. RoPE and smear use per-row positions on the device; attention covers the WHOLE k_cache view that
+     get_layer_cache returns (the owner slices it to a fixed key bucket), masked per row by cache_seqlens; the new
+     k/v are scattered at each row's position (clamped into the view, so idle rows stay in bounds).
 """
 
 import functools
@@ -195,11 +202,13 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
-                            window_size=(-1, -1)):
+                            window_size=(-1, -1), *, seqlens_host=None, static=False):
     """Attention against one layer's KV cache, writing the new k/v into the cache first (in place, like FA3).
 
     q: (B, T, H, D); k_cache/v_cache: (B, T_max, H_kv, D); k/v: (B, T, H_kv, D) or None; cache_seqlens: (B,) int32,
     the number of valid cached tokens per row before this call (rows may differ). Returns (B, T, H, D).
+    Not in FA3's signature (FA3 needs neither): seqlens_host, cache_seqlens as a list (skips reading it back);
+    static=True, the capture-safe path of protocol item 6 above.
     """
     if cache_seqlens is None:
         raise ValueError("flash_attn_with_kvcache needs cache_seqlens (a (B,) int32 tensor of cached lengths)")
@@ -211,9 +220,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         return _load_flash_attention_3().flash_attn_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, window_size=window_size)
 
+    if static:
+        return _sdpa_static(q, k_cache, v_cache, k, v, cache_seqlens, causal, left)
     B, Tq = q.shape[:2]
     T_new = 0 if k is None else k.size(1)
-    lens = cache_seqlens.tolist()  # one host sync per layer (upstream's SDPA path does the same with .item())
+    # Without a host copy: one host sync per layer (upstream's SDPA path does the same with .item()).
+    lens = cache_seqlens.tolist() if seqlens_host is None else seqlens_host
     lo, hi = min(lens), max(lens)
     if hi + T_new > k_cache.size(1):
         raise ValueError(f"KV cache overflow: {hi} cached + {T_new} new tokens > capacity {k_cache.size(1)}")
@@ -248,6 +260,27 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     else:
         mask = (kpos < starts[:, :, None] + T_new).expand(B, Tq, end)
     qt, kt, vt = q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+    y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=qt.size(1) != kt.size(1))
+    return y.transpose(1, 2)
+
+
+def _sdpa_static(q, k_cache, v_cache, k, v, cache_seqlens, causal, left):
+    """Fixed-shape attention over the whole cache view (protocol item 6): no host reads, capture-safe."""
+    B, Tq = q.shape[:2]
+    Tk = k_cache.size(1)
+    T_new = 0 if k is None else k.size(1)
+    starts = cache_seqlens.to(torch.long)[:, None]  # (B, 1)
+    if k is not None:
+        rows = torch.arange(B, device=q.device)[:, None]
+        cols = (starts + torch.arange(T_new, device=q.device)[None, :]).clamp_(max=Tk - 1)  # (B, T_new)
+        k_cache[rows, cols] = k
+        v_cache[rows, cols] = v
+    qpos = (starts + (T_new - Tq) + torch.arange(Tq, device=q.device)[None, :])[:, :, None]  # (B, Tq, 1)
+    kpos = torch.arange(Tk, device=q.device)[None, None, :]  # (1, 1, Tk)
+    mask = kpos <= qpos if causal else kpos < starts[:, :, None] + T_new
+    if causal and left >= 0:
+        mask = mask & (qpos - kpos <= left)
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=qt.size(1) != kt.size(1))
     return y.transpose(1, 2)
 
