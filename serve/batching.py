@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 FINISH_STOP = "stop"  # the model ended its turn (<|assistant_end|> or <|bos|>), or a stop string matched
 FINISH_LENGTH = "length"  # max_tokens reached, or the row filled the cache (max_seq_len)
 FINISH_CANCELLED = "cancelled"
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (OpenAI's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,8 @@ class SamplingParams:
     top_k: int | None = None  # None or 0 = off
     top_p: float = 1.0  # nucleus sampling; 1.0 = off (then sampling is exactly nanochat.engine.sample_next_token)
     seed: int = 42
+    # None = off; k in 0..20 = report the emitted token's raw log-probability and the k most likely alternatives
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -76,6 +79,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be None, 0 (off) or positive, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None (off) or an int in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
 
 
 @dataclasses.dataclass
@@ -83,6 +89,11 @@ class TokenEvent:
     token: int
     sampled: bool  # False for forced tool output (calculator results)
     finish_reason: str | None = None  # set on the request's last event
+    # Only when SamplingParams.logprobs is set. RAW model log-probabilities: log_softmax of the model's logits at this
+    # position, before temperature/top-k/top-p (so they do not depend on the sampling settings); forced tool tokens
+    # get theirs too. top_logprobs: the k most likely (token_id, logprob) pairs, most likely first.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class Sequence:
@@ -170,6 +181,16 @@ def _sample(logits: torch.Tensor, seq: Sequence) -> int:
     return int(idx.gather(1, choice)[0, 0])
 
 
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """logits (vocab,) -> (raw logprob of token, the k most likely (token, logprob) pairs)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    top = []
+    if k:
+        vals, idx = torch.topk(logp, k)
+        top = list(zip(idx.tolist(), vals.tolist()))
+    return float(logp[token]), top
+
+
 class BatchScheduler:
     """Token-level continuous batching over one model. Thread model: submit()/cancel() from any thread; step() from
     one thread at a time (start() runs it in a daemon thread)."""
@@ -253,9 +274,14 @@ class BatchScheduler:
         return sum(s is not None for s in self.slots)
 
     def snapshot(self) -> dict:
+        """Counters and gauges for /stats and metrics (a stable interface: keys are only ever added)."""
         with self._lock:
             waiting = len(self.waiting)
-        return {**self.stats, "running": self.num_running(), "waiting": waiting, "max_batch_size": self.max_batch_size,
+        running = [s for s in self.slots if s is not None]
+        kv_used = sum(len(s.prompt) + s.num_generated for s in running)  # tokens held for running requests
+        return {**self.stats, "running": len(running), "waiting": waiting, "max_batch_size": self.max_batch_size,
+                "kv_tokens_used": kv_used, "kv_tokens_capacity": self.max_batch_size * self.capacity,
+                "prefix_cache_hit_tokens": 0,
                 "max_waiting": self.max_waiting, "max_seq_len": self.max_seq_len, "batch_invariant": self.batch_invariant,
                 "device": str(self.device), "thread_alive": self.is_alive(),
                 "process_cpu_s": time.process_time()}  # lets benchmarks count tokens per CPU-second
@@ -325,7 +351,7 @@ class BatchScheduler:
             seq.slot = free
             self.slots[free] = seq
             admitted.append(seq)
-            self._emit(seq, _sample(logits, seq))
+            self._emit(seq, _sample(logits, seq), logits)
         return admitted
 
     def _decode(self, running: list[Sequence]):
@@ -348,11 +374,16 @@ class BatchScheduler:
         self.cache.prev_embedding[:m] = view.prev_embedding
         self.stats["decode_steps"] += 1
         for s in running:
-            self._emit(s, _sample(logits[s.slot:s.slot + 1], s))
+            row = logits[s.slot:s.slot + 1]
+            self._emit(s, _sample(row, s), row)
 
-    def _emit(self, seq: Sequence, sampled: int):
-        """Apply the tool state machine to a sampled token, report it, and retire the row if it is done."""
+    def _emit(self, seq: Sequence, sampled: int, logits: torch.Tensor):
+        """Apply the tool state machine to a sampled token, report it, and retire the row if it is done.
+        logits: (1, vocab), the row's logits at this position (for logprobs)."""
         token, mask = self._engine._step_row(seq.state, sampled, self._ids)
+        event = TokenEvent(token, bool(mask))
+        if seq.params.logprobs is not None:
+            event.logprob, event.top_logprobs = _logprobs(logits[0], token, seq.params.logprobs)
         seq.num_generated += 1
         seq.last_token = token
         self.stats["tokens_generated"] += 1
@@ -365,7 +396,8 @@ class BatchScheduler:
             seq.finish_reason = finish
             self._release(seq)
             self.stats["requests_finished"] += 1
-        self._call(seq, TokenEvent(token, bool(mask), finish))
+        event.finish_reason = finish
+        self._call(seq, event)
 
     def _finish(self, seq: Sequence, reason: str):
         """End a request without a token (cancelled, or the step failed)."""

@@ -1,10 +1,11 @@
 """python -m pytest tests/test_serve_batching.py -q
 
 The serving core without Ray: continuous batching is exact (batched == alone, bit for bit, for the same seeds),
-the calculator tool works per row, text streaming never splits a character or shows special tokens, request
+the calculator tool works per row, per-token logprobs are the model's raw log-softmax, text streaming never splits a character or shows special tokens, request
 validation matches upstream's limits, and chat_cli works in-process.
 """
 
+import dataclasses
 import threading
 
 import pytest
@@ -425,3 +426,83 @@ def test_chat_web_flags_map_to_app_args():
     assert gpu.device_type == "cuda" and gpu.num_gpus_per_replica == 1 and gpu.num_replicas == 8
     with pytest.raises(ValueError, match="has 4 GPUs"):
         app_args(parse_args(["--num-replicas", "8", "--device-type", "cuda"]), cluster_gpus=4)
+
+
+# -----------------------------------------------------------------------------
+# Per-token logprobs and snapshot()
+
+
+def test_logprobs_are_the_models_raw_log_softmax(tiny):
+    """Each event's logprob is log_softmax of a plain (no cache) forward pass at that position, whatever the
+    temperature/top-k; top_logprobs are the k best of the same distribution, most likely first."""
+    model, tok, _ = tiny
+    prompt = _prompts(tok, 3)[2]
+    sched = BatchScheduler(model, tok, max_batch_size=4)
+    params = SamplingParams(max_tokens=12, temperature=1.3, top_k=5, top_p=0.9, seed=7, logprobs=3)
+    other = []  # a neighbour in the batch that did not ask for logprobs
+    sched.submit(_prompts(tok, 1)[0], SamplingParams(max_tokens=12, temperature=0.7, seed=1), other.append)
+    events = sched.generate(prompt, params)
+    tokens = [e.token for e in events]
+    with torch.inference_mode():
+        logits = model.forward(torch.tensor([prompt + tokens[:-1]]))[0, len(prompt) - 1:]  # (12, vocab)
+    want = torch.log_softmax(logits.float(), dim=-1)
+    for i, ev in enumerate(events):
+        assert ev.logprob == pytest.approx(float(want[i, ev.token]), abs=1e-4)
+        vals, idx = torch.topk(want[i], 3)
+        assert [t for t, _ in ev.top_logprobs] == idx.tolist()
+        assert [lp for _, lp in ev.top_logprobs] == pytest.approx(vals.tolist(), abs=1e-4)
+    assert other and all(e.logprob is None and e.top_logprobs is None for e in other)
+    plain = sched.generate(prompt, dataclasses.replace(params, logprobs=None))
+    assert [e.token for e in plain] == tokens  # asking for logprobs does not change the tokens
+    assert all(e.logprob is None and e.top_logprobs is None for e in plain)
+    zero = sched.generate(prompt, dataclasses.replace(params, logprobs=0))
+    assert all(e.top_logprobs == [] and e.logprob is not None for e in zero)
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 1.5, True, "3"])
+def test_logprobs_parameter_is_validated(bad):
+    with pytest.raises(ValueError, match="logprobs must be None"):
+        SamplingParams(logprobs=bad)
+
+
+def test_forced_tool_tokens_get_logprobs_too(tiny):
+    _, tok, _ = tiny
+    sp = tok.encode_special
+    prompt = [tok.get_bos_token_id()] * 3 + [sp("<|assistant_start|>")]
+    call = [sp("<|python_start|>")] + tok.encode("2+3") + [sp("<|python_end|>")]
+    forced = [sp("<|output_start|>")] + tok.encode("5") + [sp("<|output_end|>")]
+    seq = prompt + call + forced + [sp("<|assistant_end|>")]
+    script = {(p, seq[p]): seq[p + 1] for p in range(len(prompt) - 1, len(seq) - 1)
+              if not (len(prompt) + len(call) <= p + 1 < len(prompt) + len(call) + len(forced))}
+    model = _ScriptedModel(tok.get_vocab_size(), script)
+    sched = BatchScheduler(model, tok, max_batch_size=2, batch_invariant=False)
+    events = sched.generate(prompt, SamplingParams(max_tokens=50, temperature=0.0, logprobs=2))
+    assert [e.token for e in events] == call + forced + [sp("<|assistant_end|>")]
+    uniform = -float(torch.log(torch.tensor(float(tok.get_vocab_size()))))
+    for e in events:
+        assert e.logprob is not None and len(e.top_logprobs) == 2
+        if e.sampled:  # the script put a logit of 100 on it: probability ~1
+            assert e.logprob == pytest.approx(0.0, abs=1e-3) and e.top_logprobs[0][0] == e.token
+        else:  # the model had no opinion (all-zero logits) about the forced output: uniform
+            assert e.logprob == pytest.approx(uniform, abs=1e-4)
+
+
+def test_snapshot_reports_load_and_kv_use(tiny):
+    model, tok, _ = tiny
+    sched = BatchScheduler(model, tok, max_batch_size=3, max_seq_len=100)
+    prompts = _prompts(tok, 2)
+    for p in prompts:
+        sched.submit(p, SamplingParams(max_tokens=5, temperature=0.0))
+    snap = sched.snapshot()
+    assert (snap["running"], snap["waiting"], snap["max_batch_size"]) == (0, 2, 3)
+    assert snap["kv_tokens_used"] == 0 and snap["kv_tokens_capacity"] == 300
+    sched.step()
+    snap = sched.snapshot()
+    assert (snap["running"], snap["waiting"]) == (2, 0)
+    assert snap["prefill_tokens"] == sum(map(len, prompts)) and snap["tokens_generated"] == 4
+    assert snap["kv_tokens_used"] == sum(map(len, prompts)) + 4
+    assert snap["prefix_cache_hit_tokens"] == 0
+    while sched.step():
+        pass
+    snap = sched.snapshot()
+    assert (snap["running"], snap["kv_tokens_used"], snap["tokens_generated"]) == (0, 0, 10)
