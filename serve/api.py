@@ -8,6 +8,8 @@ The HTTP ingress (FastAPI, built on the replica): upstream's chat API, an OpenAI
     POST /v1/completions        OpenAI (legacy) completions on a raw prompt (text or token ids, one or several):
                                 the same fields, plus echo and logprobs 0..20 (with echo: the prompt's tokens too)
     GET  /v1/models[/{model}]   the served models (serve.models: sft, base:d20, sft:d20@650, ...)
+    GET  /tokenizer_info        vLLM's tokenizer endpoints, which lm-evaluation-harness's remote tokenizer uses
+    POST /tokenize, /detokenize   ({"prompt"} -> {"tokens"}, {"tokens"} -> {"prompt"}; optional "model")
     GET  /health                {"status": "ok", "ready": bool, ...} (never needs the API key)
     GET  /stats                 engine counters of the replica that answers (per model) + ingress counters
 
@@ -43,6 +45,7 @@ from serve.protocol import (
     parse_chat_request,
     parse_completion_request,
     parse_json_body,
+    parse_tokenize_request,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -194,6 +197,19 @@ class EngineClient:
         finally:
             opened.close()
 
+    async def tokenizer(self, model: str | None, op: str, arg=None):
+        """The result of a tokenizer operation on `model` (None = the default). Raises ApiError."""
+        name = self.model(model)
+        try:
+            out = await asyncio.wait_for(
+                self.handle.options(multiplexed_model_id=name).tokenizer.remote(name, op, arg),
+                self.first_event_timeout_s)
+        except (asyncio.TimeoutError, *_REPLICA_GONE):
+            raise ApiError(503, "the engine is not ready (model still loading?); retry later") from None
+        if "error" in out:
+            raise ApiError(out["status"], out["error"], "model" if out["status"] == 404 else "tokens")
+        return out["result"]
+
     async def stats(self, timeout_s=3.0) -> dict | None:
         try:
             return await asyncio.wait_for(self.handle.stats.remote(), timeout_s)
@@ -315,6 +331,32 @@ def build_api(client: EngineClient) -> FastAPI:
                                            "method_not_allowed"))
         return error_response(ApiError(404, f"Invalid URL ({request.method} {path}); the API is under /v1 (see "
                                             "/docs)", None, "unknown_url"))
+
+    # vLLM's tokenizer endpoints: lm-evaluation-harness (local-completions, tokenizer_backend=remote) tokenizes with
+    # them, so it can split context from continuation in the token ids it sends to /v1/completions.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None):
+        try:
+            return await client.tokenizer(model, "info")
+        except ApiError as e:
+            return error_response(e)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            model, text = parse_tokenize_request(await _read_json(request), detokenize=False)
+            tokens = await client.tokenizer(model, "tokenize", text)
+        except ApiError as e:
+            return error_response(e)
+        return {"tokens": tokens, "count": len(tokens)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            model, tokens = parse_tokenize_request(await _read_json(request), detokenize=True)
+            return {"prompt": await client.tokenizer(model, "detokenize", tokens)}
+        except ApiError as e:
+            return error_response(e)
 
     @app.get("/health")
     async def health():

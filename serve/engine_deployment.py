@@ -12,6 +12,7 @@ traffic until that replica is full). Other models load on first use. Each model 
 
     generate(payload)   async generator of the events documented in serve.engine_model (payload: one choice of
                         serve.protocol.engine_requests, "model" = a canonical served name)
+    tokenizer(name, op) the tokenizer endpoints (info, tokenize, detokenize) of model `name`
     stats()             per-model scheduler counters of this replica, and how often each model was loaded
 
 Serving metrics (serve.metrics) are recorded per request and published from a 1-second loop per replica.
@@ -122,12 +123,24 @@ class NanochatEngine:
         async for ev in model.generate(payload, self.metrics):
             yield ev
 
+    async def tokenizer(self, name: str, op: str, arg=None) -> dict:
+        """serve.engine_model.LoadedModel.tokenizer_call on model `name`: {"result": ...} or {"error", "status"}."""
+        try:
+            return {"result": (await self._get_model(name)).tokenizer_call(op, arg)}
+        except ModelNotFound as e:
+            return {"error": str(e), "status": 404}
+        except ValueError as e:
+            return {"error": str(e), "status": 400}
+
     # ------------------------------------------------------------------ introspection
 
     def stats(self) -> dict:
+        """{"models": {name: scheduler snapshot}, "loads": {name: times loaded}, ...}; at the top level also the
+        default model's snapshot (or another loaded one's), with running/waiting summed over the models."""
         with self._lock:
             models = {name: m.snapshot() for name, m in self.live.items()}
-        return {"replica": self.name, "device": str(self.device),
+        top = models.get(self.served.default) or next(iter(models.values()), {})
+        return {**top, "replica": self.name, "device": str(self.device),
                 "running": sum(s["running"] for s in models.values()),
                 "waiting": sum(s["waiting"] for s in models.values()),
                 "max_batch_size": self.settings.get("max_batch_size", 16), "models": models,

@@ -35,6 +35,10 @@ from serve.batching import FINISH_CANCELLED, BatchScheduler, QueueFull, Sampling
 from serve.protocol import TOOL_TEXT, TextStream, render_prompt
 
 SCORE_CHUNK = 256  # prompt positions per log_softmax when scoring (bounds the (T, vocab) temporaries)
+# serve.protocol.render_prompt as a Jinja chat template (for /tokenizer_info; its output tokenizes to the same ids)
+CHAT_TEMPLATE = ("<|bos|>{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant_start|>{{ m['content'] }}"
+                 "<|assistant_end|>{% else %}<|user_start|>{{ m['content'] }}<|user_end|>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant_start|>{% endif %}")
 
 
 class LoadedModel:
@@ -136,6 +140,22 @@ class LoadedModel:
                 scored = [(None, None)] + scored
             entries = [self.entry(t, lp, top, o) for t, (lp, top), o in zip(shown, scored, offsets)]
         return {"text": text, "logprobs": entries}
+
+    def tokenizer_call(self, op: str, arg=None):
+        """The tokenizer endpoints: op "info" | "tokenize" (special-token strings become their ids, as a chat
+        template's output needs) | "detokenize". ValueError for token ids outside the vocabulary."""
+        tok = self.tokenizer
+        if op == "tokenize":
+            return tok.enc.encode(arg, allowed_special="all")
+        if op == "detokenize":
+            bad = next((t for t in arg if t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is out of range; this model's vocabulary is 0..{self.vocab_size - 1}")
+            return tok.decode(arg)
+        bos = self.special[tok.get_bos_token_id()]
+        return {"tokenizer_class": "nanochat", "bos_token": bos, "eos_token": bos, "pad_token": None,
+                "model_max_length": self.scheduler.max_seq_len, "vocab_size": self.vocab_size,
+                "chat_template": CHAT_TEMPLATE}
 
     # ------------------------------------------------------------------ requests
 

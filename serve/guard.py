@@ -7,7 +7,7 @@ HTTP exposure controls of the chat app's ingress: body-size cap, optional API ke
   Content-Length says so, else as soon as the streamed body passes the cap (the body is buffered only up to it).
   It applies to every path (the chat page has no uploads).
 - API key (optional; `--api-key` / NANOCHAT_API_KEY): the API paths (/v1/..., /chat/completions, /stats, /docs,
-  /openapi.json) need `Authorization: Bearer <key>` (compared in constant time); anything else is a 401 in OpenAI's
+  /openapi.json, /tokenize, /detokenize, /tokenizer_info) need `Authorization: Bearer <key>` (compared in constant time); anything else is a 401 in OpenAI's
   error shape. GET /health stays open (liveness probes). The chat page is protected by Gradio's own login form
   (serve.ui): its password is the same key, so a user who has the key can use the page; the page's backend calls
   reach the engines in-process, never through the API.
@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.protocol import MAX_BODY_BYTES, ApiError
 
-API_PREFIXES = ("/v1/", "/chat/completions", "/stats", "/docs", "/openapi.json")
+API_PREFIXES = ("/v1/", "/chat/completions", "/stats", "/docs", "/openapi.json", "/tokenize", "/detokenize",
+                "/tokenizer_info")
 RETRY_AFTER_S = 1
 
 

@@ -355,6 +355,29 @@ def parse_completion_request(body, defaults: Defaults) -> CompletionRequest:
 
 
 # -----------------------------------------------------------------------------
+# Tokenizer endpoints (vLLM's /tokenize and /detokenize, which lm-evaluation-harness's remote tokenizer uses)
+
+
+def parse_tokenize_request(body, detokenize: bool) -> tuple[str | None, str | list[int]]:
+    """-> (model or None, text to tokenize | token ids to decode)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    _bool(body, "add_special_tokens")  # accepted, and without effect: nanochat's prompts carry their own <|bos|>
+    if detokenize:
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or len(tokens) > MAX_PROMPT_TOKENS or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in tokens):
+            raise ApiError(400, f"tokens must be a list of at most {MAX_PROMPT_TOKENS} token ids (integers >= 0)",
+                           "tokens")
+        return _model(body), tokens
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or len(prompt) > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise ApiError(400, f"prompt must be a string of at most {MAX_TOTAL_CONVERSATION_LENGTH} characters",
+                       "prompt")
+    return _model(body), _utf8(prompt, "prompt", "prompt")
+
+
+# -----------------------------------------------------------------------------
 # Engine requests
 
 

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,29 +24,12 @@ import requests
 import torch
 
 from tests.test_serve_protocol import forward_logprobs, fuzz_bodies
+from tests.test_serve_ray import CHROMIUM, CHROMIUM_ARGS, HI, ROOT, _free_port, _wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHROMIUM = "/usr/bin/chromium"
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-HI = [{"role": "user", "content": "hello there"}]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(cond, timeout_s, what):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +149,45 @@ def test_completions_echo_logprobs_score_the_prompt_like_a_forward_pass(server, 
     assert first[0] is None and out.choices[0].logprobs.tokens[0] == "<|bos|>"
     torch.testing.assert_close(torch.tensor(first[1:]), forward_logprobs(model, ids), atol=2e-4, rtol=0)
     assert out.choices[1].logprobs.token_logprobs[1:] == pytest.approx(first[1:3], abs=1e-5)
+
+
+def test_lm_eval_harness_protocol_scores_multiple_choice(server):
+    """The requests lm-evaluation-harness's local-completions model makes with tokenizer_backend=remote: detect the
+    tokenizer endpoints, tokenize context and continuations, send the token ids (one batch) with echo and logprobs 1,
+    read sum(token_logprobs[ctxlen:-1]) and greediness. The scores equal a forward pass over the same ids."""
+    import jinja2
+
+    from serve.protocol import render_prompt
+
+    model, tok = server.models["base"]
+    info = requests.get(server.url + "/tokenizer_info", headers=AUTH).json()
+    assert info["eos_token"] == "<|bos|>" and info["model_max_length"] == 256
+
+    def tokenize(text):
+        r = _post(server, "/tokenize", {"prompt": text, "add_special_tokens": False})
+        return r.json()["tokens"]
+
+    assert isinstance(tokenize("test"), list) and tokenize("<|bos|>") == [tok.get_bos_token_id()]
+    context, options = "hello world , how are you", [" today ?", " naïve café", " 12 + 34"]
+    ctx = tokenize(context)
+    batch = [ctx + tokenize(o) for o in options]
+    out = _post(server, "/v1/completions", {"model": "base", "prompt": batch, "temperature": 0, "max_tokens": 1,
+                                            "logprobs": 1, "seed": 1234, "echo": True}).json()
+    for choice, ids in zip(sorted(out["choices"], key=lambda c: c["index"]), batch):
+        lps, tops = choice["logprobs"]["token_logprobs"], choice["logprobs"]["top_logprobs"]
+        score = sum(lps[len(ctx):-1])
+        greedy = all(lp == max(top.values()) for lp, top in zip(lps[len(ctx):-1], tops[len(ctx):-1]))
+        want = forward_logprobs(model, ids)[len(ctx) - 1:]
+        assert score == pytest.approx(float(want.sum()), abs=1e-3) and isinstance(greedy, bool)
+    assert _post(server, "/detokenize", {"tokens": batch[1]}).json()["prompt"] == context + options[1]
+    r = _post(server, "/detokenize", {"tokens": [10**6]})
+    assert r.status_code == 400 and "out of range" in r.json()["error"]["message"]
+    # the chat template of /tokenizer_info renders to exactly the ids the chat endpoints build
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "again"}]
+    rendered = jinja2.Template(info["chat_template"]).render(messages=messages, add_generation_prompt=True)
+    assert tokenize(rendered) == render_prompt(tok, messages)
+    assert requests.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401
 
 
 def test_completions_stream_and_not_agree(server, client):
@@ -333,8 +354,9 @@ def test_bad_stream_options_leave_nothing_generating(server):
 
 
 def test_fuzzed_bodies_never_get_a_5xx(server):
-    paths = ["/chat/completions", "/v1/chat/completions", "/v1/completions", "/v1/models", "/stats", "/health"]
-    bodies = list(fuzz_bodies(seed=99, count=60))
+    paths = ["/chat/completions", "/v1/chat/completions", "/v1/completions", "/v1/models", "/stats", "/health",
+             "/tokenize", "/detokenize"]
+    bodies = list(fuzz_bodies(seed=99, count=80))
     statuses = {}
     for i, body in enumerate(bodies):
         path = paths[i % len(paths)]
@@ -435,12 +457,9 @@ def test_headless_chromium_logs_in_picks_a_model_and_chats(server):
     shot = os.path.join(ROOT, "artifacts", "serve_ui_login_models.png")
     _post(server, "/v1/completions", {"model": "sft", "prompt": "x", "max_tokens": 1})  # sft is the loaded model
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
-            page.goto(server.url + "/", wait_until="load")
             for password in ("wrong", KEY):
                 page.goto(server.url + "/", wait_until="load")
                 page.wait_for_selector("input[type=password]", timeout=60000)  # the login form, not the chat

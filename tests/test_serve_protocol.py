@@ -27,6 +27,7 @@ from serve.protocol import (
     parse_chat_request,
     parse_completion_request,
     parse_json_body,
+    parse_tokenize_request,
 )
 from serve.tiny import make_tiny_checkpoint
 
@@ -62,7 +63,7 @@ def _random_value(rng: random.Random, depth=0):
             for _ in range(rng.randint(0, 3))}
 
 
-FIELDS = ["messages", "prompt", "model", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens",
+FIELDS = ["messages", "prompt", "tokens", "model", "temperature", "top_k", "top_p", "max_tokens", "max_completion_tokens",
           "seed", "stop", "stream", "stream_options", "n", "logprobs", "top_logprobs", "echo", "best_of", "tools",
           "response_format", "logit_bias", "presence_penalty", "suffix", "user"]
 
@@ -86,11 +87,14 @@ def test_fuzzed_bodies_only_ever_raise_api_errors():
     for body in fuzz_bodies(seed=1234, count=3000):
         for parse in (lambda b: parse_chat_request(b, openai=True, defaults=defaults),
                       lambda b: parse_chat_request(b, openai=False, defaults=defaults),
-                      lambda b: parse_completion_request(b, defaults)):
+                      lambda b: parse_completion_request(b, defaults),
+                      lambda b: parse_tokenize_request(b, detokenize=False),
+                      lambda b: parse_tokenize_request({**b, "tokens": b.get("prompt")}, detokenize=True)):
             try:
                 req = parse(body)
-                engine_requests(req)
-                json.dumps(req.__dict__, ensure_ascii=False).encode("utf-8")  # it can be logged and sent
+                if not isinstance(req, tuple):  # a tokenizer request is (model, text or ids)
+                    engine_requests(req)
+                json.dumps(getattr(req, "__dict__", req), ensure_ascii=False).encode("utf-8")  # loggable, sendable
             except ApiError as e:
                 statuses.add(e.status)
                 assert e.message and len(e.message) < 1000

@@ -241,6 +241,9 @@ def test_default_exposure_no_cors_and_no_content_at_info(server):
 # -----------------------------------------------------------------------------
 # The UI
 
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
 
 def test_gradio_client_against_the_ui(server):
     from gradio_client import Client
@@ -258,9 +261,7 @@ def test_headless_chromium_chats_and_sees_a_streamed_reply(server):
     os.makedirs(os.path.join(ROOT, "artifacts"), exist_ok=True)
     shot = os.path.join(ROOT, "artifacts", "serve_ui.png")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(server.url + "/", wait_until="load")
