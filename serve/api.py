@@ -363,8 +363,7 @@ def build_api(client: EngineClient) -> FastAPI:
         stats = await client.stats()
         free = 0 if stats is None else stats["max_batch_size"] - stats["running"]
         return {"status": "ok", "ready": stats is not None, "model": client.models.default,
-                "models": client.models.names, "num_gpus": client.settings.get("num_replicas", 1),
-                "available_workers": free}
+                "num_gpus": client.settings.get("num_replicas", 1), "available_workers": free}
 
     @app.get("/stats")
     async def stats():

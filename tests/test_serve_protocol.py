@@ -2,8 +2,8 @@
 
 The API's pieces without Ray: request validation under a seeded fuzzer (only 4xx ApiErrors, never another
 exception), the new fields' 400s naming the field and its range, model names that cannot leave the base dir,
-prompt and generated-token log-probabilities equal to a forward pass, the body cap / API key / CORS middlewares
-over real HTTP (uvicorn on loopback), and chat_web's exposure warnings.
+prompt and generated-token log-probabilities equal to a forward pass (also on CUDA: a `gpu` test), the body cap /
+API key / CORS middlewares over real HTTP (uvicorn on loopback), and chat_web's exposure warnings.
 """
 
 import asyncio
@@ -294,6 +294,37 @@ def test_echo_and_generated_logprobs_equal_a_forward_pass(loaded):
     text = "".join(ev["text"] for ev in events if ev["type"] == "delta")
     offsets = [e["offset"] for e in entries]
     assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(text)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_logprobs_on_cuda_equal_a_forward_pass(tiny_dir):
+    """The same check on a GPU replica's device (bf16 compute): the echo scorer is the reference forward pass itself;
+    the scheduler's KV-cached decode may round differently, hence the looser bound for generated tokens."""
+    from serve.engine_model import LoadedModel
+
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = tiny_dir
+    try:
+        model = LoadedModel("sft", os.path.join(tiny_dir, "chatsft_checkpoints", "d2"), 1, torch.device("cuda"),
+                            {"max_batch_size": 4, "max_waiting": 4})
+    finally:
+        os.environ.pop("NANOCHAT_BASE_DIR") if old is None else os.environ.update(NANOCHAT_BASE_DIR=old)
+    try:
+        events = _run(model, _payload(temperature=0.0))
+        tok = model.tokenizer
+        prompt = [tok.get_bos_token_id()] + tok.encode("hello world, how are you")
+        entries = [e for ev in events if ev["type"] == "delta" for e in ev["logprobs"] or []]
+        ids = prompt + [tok.enc.encode_single_token(e["bytes"]) for e in entries]
+        with torch.inference_mode():
+            logp = torch.log_softmax(model.model.forward(torch.tensor([ids], device="cuda"))[0].float(), -1)
+        want = logp[:-1].gather(1, torch.tensor(ids[1:], device="cuda")[:, None])[:, 0].cpu()
+        n = len(prompt) - 1
+        torch.testing.assert_close(torch.tensor([e["logprob"] for e in events[0]["echo"]["logprobs"]]), want[:n],
+                                   atol=1e-3, rtol=0)
+        torch.testing.assert_close(torch.tensor([e["logprob"] for e in entries]), want[n:], atol=0.1, rtol=0)
+    finally:
+        model.retire()
 
 
 def test_token_id_prompt_and_scoring_only(loaded):
