@@ -48,7 +48,7 @@ def pct(xs, q):
 def one_request(url, seed, max_tokens):
     import requests  # HTTP mode only (the in-process benchmark needs nothing but torch)
 
-    body = {"model": "bench", "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 50,
+    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 50,
             "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     times, tokens = [], None

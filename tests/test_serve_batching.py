@@ -280,7 +280,7 @@ GOOD = [{"role": "user", "content": "hi"}]
     ({"messages": GOOD, "max_tokens": 0}, "max_tokens must be between 1 and 4096"),
     ({"messages": GOOD, "max_tokens": 4097}, "max_tokens"),
     ({"messages": GOOD, "top_p": 0}, "top_p"),
-    ({"messages": GOOD, "n": 2}, "n must be 1"),
+    ({"messages": GOOD, "n": 17}, "n must be between 1 and 16"),
     ({"messages": GOOD, "stop": ["a", "b", "c", "d", "e"]}, "stop must be"),
     ({"messages": GOOD, "seed": -1}, "seed"),
     ({"messages": "hi"}, "messages must be a list"),
