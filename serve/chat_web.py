@@ -53,8 +53,42 @@ def app_args(args, cluster_gpus: float):
                        temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, ui=not args.no_ui)
 
 
+def check_model(args) -> None:
+    """Before Ray starts: the checkpoint error a replica would hit, as one line (NanochatError). Skipped when a
+    cluster (RAY_ADDRESS) is used and its base dir is not visible from here."""
+    from nanochat import storage
+    from nanochat.checkpoint_manager import CHECKPOINT_SOURCES, check_model_checkpoint
+    from nanochat.common import get_base_dir
+
+    checkpoints_dir = storage.join(args.base_dir or get_base_dir(), CHECKPOINT_SOURCES[args.source][0])
+    if os.environ.get("RAY_ADDRESS") and not storage.isdir(checkpoints_dir):
+        return
+    check_model_checkpoint(checkpoints_dir, args.model_tag, args.step)
+
+
+def deployment_error(app_name: str = "chat") -> str | None:
+    """The one-line load error of a failed engine deployment (see NanochatEngine), if that is why it failed."""
+    from ray import serve
+
+    from serve.engine_deployment import REPLICA_FAILED
+
+    app = serve.status().applications.get(app_name)
+    for dep in (app.deployments.values() if app else []):
+        for line in (dep.message or "").splitlines():
+            if REPLICA_FAILED in line:
+                return line[line.index(REPLICA_FAILED) + len(REPLICA_FAILED):].strip()
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    from nanochat.common import NanochatError
+
+    try:
+        check_model(args)
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import ray
     from ray import serve
 
@@ -69,7 +103,14 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(chat_args), name="chat", route_prefix="/")
+    try:
+        serve.run(build_app(chat_args), name="chat", route_prefix="/")
+    except RuntimeError:
+        message = deployment_error("chat")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     print(f"Server ready at http://localhost:{args.port}")
     try:
         while True:

@@ -26,10 +26,12 @@ import torch
 from ray import serve
 
 from nanochat.checkpoint_manager import load_model
+from nanochat.common import NanochatError
 from serve.batching import FINISH_CANCELLED, BatchScheduler, QueueFull, SamplingParams
 from serve.protocol import ChatRequest, TextStream, render_prompt
 
 logger = logging.getLogger("ray.serve")
+REPLICA_FAILED = "engine replica cannot start: "  # prefix of a load error in the deployment's status message
 
 
 def pick_device(device_type: str) -> torch.device:
@@ -50,8 +52,11 @@ class NanochatEngine:
             torch.set_num_threads(int(settings["torch_threads"]))
         self.device = pick_device(settings.get("device_type", ""))
         t0 = time.time()
-        model, self.tokenizer, meta = load_model(settings.get("source", "sft"), self.device, phase="eval",
-                                                 model_tag=settings.get("model_tag"), step=settings.get("step"))
+        try:
+            model, self.tokenizer, meta = load_model(settings.get("source", "sft"), self.device, phase="eval",
+                                                     model_tag=settings.get("model_tag"), step=settings.get("step"))
+        except NanochatError as e:  # one line in Serve's deployment status (and chat_web's error), no torch frames
+            raise NanochatError(f"{REPLICA_FAILED}{e}") from None
         self.model_config = meta.get("model_config", {})
         self.scheduler = BatchScheduler(model, self.tokenizer, max_batch_size=settings.get("max_batch_size", 16),
                                         max_waiting=settings.get("max_waiting", 64),
