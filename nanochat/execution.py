@@ -18,7 +18,8 @@ Layers of containment, outermost first (the child side is nanochat/execution_gua
    On timeout the whole process group is SIGKILLed, so children die with the parent.
 2. rlimits set in the child before the untrusted code runs: address space / data / stack (the memory limit),
    CPU seconds, file size (8 MB: also caps captured stdout/stderr, which go to files, not pipes), open files,
-   core dumps off, and number of processes (only effective for non-root users).
+   core dumps off; and, only where seccomp (below) is missing, number of processes 0 (non-root users only; it
+   also stops threads, which seccomp's clone rule lets through).
 3. Kernel layers, where the kernel offers them (Linux; each is skipped silently if unavailable):
    - a bounded scratch directory: the CWD becomes a tmpfs of MAX_SCRATCH_BYTES (32 MB, 1024 inodes) mounted in a
      private user + mount namespace, which needs no root. RLIMIT_FSIZE bounds one file only (many files, or

@@ -25,8 +25,6 @@ def set_rlimits(cfg):
     if cfg["mem"] is not None and sys.platform != "darwin":
         mem = cfg["mem"]
         lims += [(resource.RLIMIT_AS, mem), (resource.RLIMIT_DATA, mem), (resource.RLIMIT_STACK, mem)]
-    if hasattr(resource, "RLIMIT_NPROC") and os.getuid() != 0:
-        lims.append((resource.RLIMIT_NPROC, 0))  # no new processes at all (root ignores this limit)
     for which, value in lims:
         try:
             resource.setrlimit(which, (value, value))
@@ -284,12 +282,26 @@ def python_guard(cfg):
         sys.modules[name] = None
 
 
+def limit_processes():
+    """Without seccomp: RLIMIT_NPROC 0, no new processes (but also no threads: the limit counts both, and root
+    ignores it). With seccomp, clone is refused unless it makes a thread, so threads keep working."""
+    import resource
+
+    if hasattr(resource, "RLIMIT_NPROC") and os.getuid() != 0:
+        try:
+            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        except (ValueError, OSError):
+            pass
+
+
 def apply(cfg):
     set_rlimits(cfg)
     try:
         features = apply_kernel_layers(cfg)
     except Exception:  # a kernel layer that fails half-way must not stop the (weaker) layers after it
         features = []
+    if "seccomp" not in features:
+        limit_processes()
     if cfg["report"]:
         print(",".join(features), flush=True)
     python_guard(cfg)
