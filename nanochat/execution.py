@@ -13,7 +13,7 @@ nothing running in the same process can be kept from doing what the trailer does
 whose __eq__ is always True. The nonce catches programs that stop early, not programs written to cheat.
 
 Layers of containment, outermost first (the child side is nanochat/execution_guard.py):
-1. A fresh interpreter (`python -I`) in its own session / process group, with a scrubbed environment
+1. A fresh interpreter (`python -I program.py`) in its own session / process group, with a scrubbed environment
    (PATH only), stdin from /dev/null, and an empty temporary directory as CWD that is deleted afterwards.
    On timeout the whole process group is SIGKILLed, so children die with the parent.
 2. rlimits set in the child before the untrusted code runs: address space / data / stack (the memory limit),
@@ -95,7 +95,7 @@ def _read_dirs() -> list[str]:
 
 def _build_program(code: str, root: str, timeout: float, maximum_memory_bytes: int | None, end_fd: int,
                    report_features: bool = False, scratch: bool = True, kernel_filters: bool = True) -> str:
-    """The `-c` program. The code runs with fresh globals, after the guard's names are deleted; the end marker
+    """The child's program. The code runs with fresh globals, after the guard's names are deleted; the end marker
     is read from `end_fd` only after the code returned. `scratch` / `kernel_filters` off exist for tests."""
     with open(GUARD_SOURCE) as f:
         guard = f.read()
@@ -117,13 +117,16 @@ def _build_program(code: str, root: str, timeout: float, maximum_memory_bytes: i
 
 
 def _run(program: str, root: str, timeout: float, pass_fds: tuple[int, ...] = ()) -> tuple[int | None, str, str]:
-    """Run `python -I -c program` in `root` (keeping `pass_fds` open in it); return (returncode or None on
-    timeout, stdout, stderr)."""
+    """Run `python -I program` in `root` (keeping `pass_fds` open in it); return (returncode or None on timeout,
+    stdout, stderr). The program goes in a file: as a `-c` argument it would be limited to 128 kB (E2BIG)."""
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_io_") as io_dir:
         out_path, err_path = os.path.join(io_dir, "stdout"), os.path.join(io_dir, "stderr")
+        program_path = os.path.join(io_dir, "program.py")
+        with open(program_path, "w", encoding="utf-8") as f:
+            f.write(program)
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", program],
+                [sys.executable, "-I", program_path],
                 cwd=root,
                 env={"PATH": "/usr/bin:/bin"},
                 stdin=subprocess.DEVNULL,

@@ -1,11 +1,11 @@
 """
 The child side of the code sandbox: what runs inside the sandboxed interpreter BEFORE the untrusted code.
 
-Never imported by the sandbox itself: nanochat/execution.py sends this file's source to `python -I -c` followed by
-`apply(CFG)` (CFG is a dict literal, see `execution._build_program`), then the untrusted code, then the end marker.
-Importing it has no side effects (tests do, to read the tables). Every step is listed in execution.py's docstring;
-the comments here say why each number is what it is. A step the kernel does not offer is skipped, and `apply`
-returns the names of the steps that took effect ("features").
+Never imported by the sandbox itself: nanochat/execution.py writes this file's source into the child's program,
+followed by `apply(CFG)` (CFG is a dict literal, see `execution._build_program`), the untrusted code and the end
+marker. Importing it has no side effects (tests do, to read its constants). Every step is listed in execution.py's
+docstring; the comments here say why each number is what it is. A step the kernel does not offer is skipped;
+`sandbox_features()` asks `apply` to print the names of the steps that took effect.
 """
 
 import builtins

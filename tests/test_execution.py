@@ -127,6 +127,8 @@ def test_happy_path_and_libraries():
     assert r.success and r.stdout == "thread ok\n"
     r = execute_code("print('no newline', end='')")
     assert r.success and r.stdout == "no newline"  # the end marker is removed exactly
+    r = execute_code("x = 1\n" * 40000 + "print(x)")  # 240 kB: beyond what one argv string may hold
+    assert r.success and r.stdout == "1\n"
     # the networking modules import (only creating a socket is refused), and the stdlib's source is readable
     r = execute_code("import socket, ssl, asyncio, http.client, urllib.request, inspect, json\n"
                      "print(len(inspect.getsource(json)) > 0)")
