@@ -95,8 +95,8 @@ def _read_dirs() -> list[str]:
 
 def _build_program(code: str, root: str, timeout: float, maximum_memory_bytes: int | None, end_fd: int,
                    report_features: bool = False, scratch: bool = True, kernel_filters: bool = True) -> str:
-    """The child's program. The code runs with fresh globals, after the guard's names are deleted; the end marker
-    is read from `end_fd` only after the code returned. `scratch` / `kernel_filters` off exist for tests."""
+    """The child's program: the guard, the code, and the end marker, which is read from `end_fd` only after the
+    code returned. `scratch` / `kernel_filters` off exist for tests (negative controls)."""
     with open(GUARD_SOURCE) as f:
         guard = f.read()
     cfg = dict(root=root, mem=maximum_memory_bytes, cpu=int(timeout) + 2, fsize=MAX_OUTPUT_BYTES,
