@@ -237,10 +237,10 @@ def load_meta(checkpoint_dir, step):
 
 def check_checkpoint(checkpoint_dir, step, optimizer=False):
     """Before a job starts: raise the error a load would raise for a damaged meta, model file or (optimizer=True)
-    optimizer shard of one step. Local files are checked in full but cheaply (memory-mapped); files on S3 only
-    when they are loaded."""
+    optimizer shard of one step; returns its meta. Local files are checked in full but cheaply (memory-mapped);
+    files on S3 only when they are loaded."""
     paths = [_require_step(checkpoint_dir, step)]
-    load_meta(checkpoint_dir, step)
+    meta = load_meta(checkpoint_dir, step)
     if optimizer:
         prefix = f"optim_{step:06d}_rank"
         paths += [storage.join(checkpoint_dir, n) for n in sorted(storage.listdir(checkpoint_dir))
@@ -248,6 +248,7 @@ def check_checkpoint(checkpoint_dir, step, optimizer=False):
     for path in paths:
         if not storage.is_remote(path):
             load_torch(path, "cpu", mmap=True)
+    return meta
 
 
 def _patch_missing_config_keys(model_config_kwargs):
