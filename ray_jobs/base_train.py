@@ -40,6 +40,11 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
     from nanochat.common import get_base_dir
 
     tc.check_storage(get_base_dir(), *([cluster.storage or tc.default_storage()] if cluster.num_workers else []))
+    if cfg.resume_from_step != -1:  # a damaged file: one line here, not a traceback from every worker
+        from nanochat.checkpoint_manager import check_checkpoint
+        from nanochat.train import checkpoint_dir_for
+
+        check_checkpoint(checkpoint_dir_for(cfg), cfg.resume_from_step, optimizer=True)
     return cfg, use_gpu, cluster.name or f"base_train-{cfg.tag}"
 
 

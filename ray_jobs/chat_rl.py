@@ -34,6 +34,9 @@ def prepare(cfg: RLConfig, cluster: tc.ClusterArgs) -> tuple[RLConfig, bool, str
     if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
         cfg.device_type = "cpu"  # workers must not autodetect a GPU that Ray did not assign to them
     sft_dir, sft_step = resolve_sft_checkpoint(cfg.model_tag, cfg.model_step)  # names chat_sft when missing
+    from nanochat.checkpoint_manager import check_checkpoint
+
+    check_checkpoint(sft_dir, sft_step)  # a damaged file: one line here, not a traceback from every worker
     print(f"SFT checkpoint: {sft_dir} step {sft_step}")
     train_task, _ = load_tasks(cfg.task)  # downloads (or finds offline) the task data once, here
     print(f"RL task {cfg.task}: {len(train_task)} training examples, {num_steps_for(cfg, len(train_task))} steps")

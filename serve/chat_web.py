@@ -82,8 +82,47 @@ def app_args(args, cluster_gpus: float):
                        cors_origins=args.cors_origin)
 
 
+def check_model(args) -> None:
+    """Before Ray starts: the checkpoint error a replica would hit for each served model, as one line
+    (NanochatError). Skipped when a cluster (RAY_ADDRESS) is used and its base dir is not visible from here."""
+    from nanochat import storage
+    from nanochat.checkpoint_manager import CHECKPOINT_SOURCES, check_model_checkpoint
+    from nanochat.common import get_base_dir
+    from serve.models import ModelName, default_model_name
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else [
+        default_model_name(args.source, args.model_tag, args.step)]
+    for name in names:
+        parsed = ModelName.parse(name)
+        checkpoints_dir = storage.join(args.base_dir or get_base_dir(), CHECKPOINT_SOURCES[parsed.source][0])
+        if os.environ.get("RAY_ADDRESS") and not storage.isdir(checkpoints_dir):
+            continue
+        check_model_checkpoint(checkpoints_dir, parsed.tag, parsed.step)
+
+
+def deployment_error(app_name: str = "chat") -> str | None:
+    """The one-line load error of a failed engine deployment (see NanochatEngine), if that is why it failed."""
+    from ray import serve
+
+    from serve.engine_deployment import REPLICA_FAILED
+
+    app = serve.status().applications.get(app_name)
+    for dep in (app.deployments.values() if app else []):
+        for line in (dep.message or "").splitlines():
+            if REPLICA_FAILED in line:
+                return line[line.index(REPLICA_FAILED) + len(REPLICA_FAILED):].strip()
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    from nanochat.common import NanochatError
+
+    try:
+        check_model(args)
+    except NanochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import ray
     from ray import serve
 
@@ -98,7 +137,14 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(chat_args), name="chat", route_prefix="/")
+    try:
+        serve.run(build_app(chat_args), name="chat", route_prefix="/")
+    except RuntimeError:
+        message = deployment_error("chat")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     print(f"Server ready at http://localhost:{args.port} (models: {', '.join(chat_args.served_models())}; "
           f"API key {'required' if args.api_key else 'not set'})")
     for warning in exposure_warnings(args):

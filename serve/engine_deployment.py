@@ -30,12 +30,14 @@ import time
 import torch
 from ray import serve
 
+from nanochat.common import NanochatError
 from serve.engine_model import LoadedModel
 from serve.metrics import ServeMetrics
 from serve.models import ModelNotFound, ServedModels, resolve
 
 logger = logging.getLogger("ray.serve")
 METRICS_PERIOD_S = 1.0
+REPLICA_FAILED = "engine replica cannot start: "  # prefix of a load error in the deployment's status message
 
 
 def pick_device(device_type: str) -> torch.device:
@@ -72,7 +74,10 @@ class NanochatEngine:
             return await self._load(model_id)
 
         self._get_model = serve.multiplexed(max_num_models_per_replica=settings.get("max_models_per_replica", 2))(load)
-        await self._get_model(self.served.default)
+        try:
+            await self._get_model(self.served.default)
+        except NanochatError as e:  # one line in Serve's deployment status (and chat_web's error), no torch frames
+            raise NanochatError(f"{REPLICA_FAILED}{e}") from None
         self._stop = threading.Event()
         threading.Thread(target=self._publish_loop, name="nanochat-metrics", daemon=True).start()
 
