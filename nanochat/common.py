@@ -116,6 +116,35 @@ def download_file_with_lock(url: str, filename: str, postprocess_fn=None) -> str
 
 
 # -----------------------------------------------------------------------------
+# Process environment of GPU runs
+
+ALLOC_CONF_DEFAULT = "expandable_segments:True"  # upstream's: less fragmentation, lower peak memory
+
+
+def gpu_env_defaults(environ=None) -> dict:
+    """Environment that GPU training processes get unless the user set their own: the CUDA caching allocator's
+    expandable segments (PYTORCH_ALLOC_CONF; a value in the older PYTORCH_CUDA_ALLOC_CONF counts as the user's)."""
+    environ = os.environ if environ is None else environ
+    if "PYTORCH_ALLOC_CONF" in environ or "PYTORCH_CUDA_ALLOC_CONF" in environ:
+        return {}
+    return {"PYTORCH_ALLOC_CONF": ALLOC_CONF_DEFAULT}
+
+
+def apply_gpu_env_defaults() -> dict:
+    """Put gpu_env_defaults() into this process; entry points call it first, before anything touches CUDA.
+
+    The environment is what child processes (torchrun ranks, Ray workers) inherit. torch may already be imported
+    here, so the setting is also handed to the allocator directly (it takes effect for allocations after it).
+    Returns what was set."""
+    defaults = gpu_env_defaults()
+    os.environ.update(defaults)
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if defaults and setter is not None and torch.cuda.is_available():
+        setter(defaults["PYTORCH_ALLOC_CONF"])
+    return defaults
+
+
+# -----------------------------------------------------------------------------
 # Devices and distributed setup
 
 

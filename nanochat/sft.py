@@ -34,6 +34,7 @@ from nanochat.common import (
     is_ddp_initialized,
     print0,
 )
+from nanochat.flash_attention import describe_backend
 from nanochat.staging import HostStaging
 from nanochat.train import TrainSink, _f, check_batch_divisible
 
@@ -339,6 +340,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
     model, tokenizer, base_meta, resume = _load_base(cfg, device, sink)
     cfg = inherit_from_base(SFTConfig(**cfg.to_dict()), base_meta)
     orig_model = model
+    print0(describe_backend())  # look FA3 up before torch.compile (not inside dynamo tracing: a graph break)
     if cfg.compile == 1 or (cfg.compile == -1 and device_type == "cuda"):
         model = torch.compile(model, dynamic=False)
     depth = orig_model.config.n_layer

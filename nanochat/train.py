@@ -472,22 +472,9 @@ class _Run:
         return wandb.init(project="nanochat", name=self.cfg.run, config=self.cfg.to_dict())
 
     def _print_attention_backend(self):
-        try:
-            from nanochat.flash_attention import USE_FA3
-        except ImportError:
-            USE_FA3 = False
-        if USE_FA3:
-            print0("✓ Using Flash Attention 3: efficient, new and awesome.")
-            return
-        print0("!" * 80)
-        print0("WARNING: Flash Attention 3 not available, using PyTorch SDPA fallback")
-        print0("WARNING: Training will be less efficient without FA3")
-        if self.cfg.window_pattern != "L":
-            print0(f"WARNING: SDPA has no support for sliding window attention (window_pattern="
-                   f"'{self.cfg.window_pattern}'). Your GPU utilization will be terrible.")
-            print0("WARNING: Recommend using --window-pattern L for full context attention without alternating "
-                   "sliding window patterns.")
-        print0("!" * 80)
+        from nanochat.flash_attention import describe_backend
+
+        print0(describe_backend())  # looks FA3 up now, before torch.compile traces the model
 
     def _build_model(self):
         cfg = self.cfg
