@@ -3,7 +3,7 @@
 Upstream's CUDA allocator setting (PYTORCH_ALLOC_CONF=expandable_segments:True) in our GPU processes unless the user
 chose a value. The `gpu` test checks that the allocator really uses expandable segments when an entry point applies
 the default after torch was imported (as `python -m ray_jobs.base_train` does), and that a user's value wins.
-Ray Train workers: tests/test_cluster_gpus.py.
+Ray Train workers: tests/test_cluster_gpus.py. Also the auto choice of torch.compile (CUDA; long CPU runs).
 """
 
 import os
@@ -44,3 +44,21 @@ def test_allocator_uses_expandable_segments(user, expandable):
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == expandable
+
+
+# -----------------------------------------------------------------------------
+# torch.compile's auto choice (BaseTrainConfig.compile = -1)
+
+
+def test_compile_choice(monkeypatch):
+    from nanochat import common
+
+    assert common.compile_choice(-1, "cuda", 1)[0] is True
+    assert common.compile_choice(0, "cuda", 1e9)[0] is False and common.compile_choice(1, "cpu", 1)[0] is True
+    assert common.compile_choice(-1, "mps", 1e9)[0] is False
+    monkeypatch.setattr(common, "have_cpp_compiler", lambda: True)
+    use, why = common.compile_choice(-1, "cpu", 60)
+    assert not use and "too short to pay back" in why  # tests, smoke runs, the CPU speedrun's budgets
+    assert common.compile_choice(-1, "cpu", 3600)[0] is True
+    monkeypatch.setattr(common, "have_cpp_compiler", lambda: False)
+    assert common.compile_choice(-1, "cpu", 3600) == (False, "auto: no C++ compiler for inductor on CPU")
