@@ -146,3 +146,19 @@ def test_gpu_start_up_line(tmp_path):
     major = torch.cuda.get_device_capability()[0]
     if major not in (8, 9):
         assert "is not a GPU the FA3 kernels are built for" in line
+
+
+# -----------------------------------------------------------------------------
+# The blocked sliding-window path trains under selective activation checkpointing: same values and gradients
+
+
+def test_blocked_windows_checkpointing_keeps_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 96, 4, 16, generator=g).requires_grad_() for _ in range(3))
+    out = flash_attention.flash_attn_func(q, k, v, causal=True, window_size=(16, 0))  # T 96 > 2 w: blocked
+    out.square().sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = flash_attention._sdpa_sliding_blocks(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2), 16)
+    ref.transpose(1, 2).square().sum().backward()
+    assert torch.equal(out, ref.transpose(1, 2))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip((q, k, v), (q2, k2, v2)))
