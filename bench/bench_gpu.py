@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.configs, args.fp8, args.steps, args.warmup, args.batch, args.seq = "d2:SL", "off", 6, 2, 2, 128
+        args.run_timeout_s = max(args.run_timeout_s, 1200)  # upstream compiles on CPU: minutes on a busy machine
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     missing = [n for n in ("base_data_climbmix", "tokenizer") if not os.path.isdir(os.path.join(base, n))]
     if missing:
