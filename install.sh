@@ -13,7 +13,9 @@ pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" >/dev/null 2>&1; then
   pip install -q "torch==2.13.0"
 fi
-pip install -q -e ".[dev]"
+EXTRAS=dev
+if command -v nvidia-smi >/dev/null 2>&1; then EXTRAS=dev,gpu; fi  # gpu: the `kernels` package for FA3
+pip install -q -e ".[$EXTRAS]"
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null

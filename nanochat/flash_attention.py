@@ -10,9 +10,10 @@ Layout is FA3's (B, T, H, D) for q/k/v and (B, T_max, H_kv, D) for one layer's c
 follows FA3: query i sees keys j with i - left <= j <= i + right, -1 meaning unlimited. Only causal attention is used
 by the model, so `right` must be 0 or -1. GQA (H a multiple of H_kv) is supported.
 
-FA3 is used only on a Hopper GPU with bf16 tensors and only if its kernel loads (`kernels` package from the HF Hub,
-or a locally installed `flash_attn_interface`); it is looked up lazily on the first CUDA call and any failure falls
-back to SDPA silently. On CPU (and everywhere else) SDPA does the work; sliding windows become explicit masks.
+FA3 is used with bf16 tensors on sm80/86/89/90 GPUs when its kernel loads (nanochat/fa3.py: the `kernels` package
+and the HF cache or Hub, or a locally installed `flash_attn_interface`). Entry points call `describe_backend()` at
+start (before torch.compile) and print its line; otherwise the lookup happens on the first CUDA call. Any failure
+falls back to SDPA. On CPU (and everywhere else) SDPA does the work; sliding windows become explicit masks.
 
 KV-cache call protocol (what gpt.py does and what nanochat.engine.KVCache provides), one forward with T new tokens:
   1. gpt.py reads `kv_cache.cache_seqlens` (int32, shape (B,)): row b's new tokens sit at positions
@@ -35,48 +36,41 @@ the dtype of k/v (the compute dtype). Two optional attributes make a forward fre
 """
 
 import functools
-import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 # Tests set this to 'sdpa' or 'fa3' to force a backend; None = automatic.
 _override_impl = None
 
 
 _fa3_lookup = None  # None: not looked up yet; False: unavailable; else the FA3 interface module
+_fa3_reason = ""  # why FA3 is (not) used, one line
 
 
 def _load_flash_attention_3():
-    """The FA3 interface module, or None. Looked up once, lazily (first CUDA call); never raises.
-
-    The result lives in a plain module global so that torch.compile sees a constant after the first lookup.
-    """
-    global _fa3_lookup
+    """The FA3 interface module, or None. Looked up once (nanochat/fa3.py: cache first, bounded network); never
+    raises. Entry points call describe_backend() before torch.compile, so compiled code only reads the result
+    (a plain module global: a constant to dynamo, no lookup inside tracing)."""
+    global _fa3_lookup, _fa3_reason
     if _fa3_lookup is None:
-        _fa3_lookup = _find_flash_attention_3() or False
+        from nanochat import fa3
+
+        module, _fa3_reason = fa3.lookup()
+        _fa3_lookup = module or False
     return _fa3_lookup or None
 
 
-def _find_flash_attention_3():
-    if not torch.cuda.is_available():
-        return None
-    try:
-        if torch.cuda.get_device_capability()[0] != 9:  # the FA3 kernels we can get are built for Hopper
-            return None
-        try:
-            import flash_attn_interface  # a local FA3 build, if someone installed one
-
-            return flash_attn_interface
-        except ImportError:
-            pass
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from kernels import get_kernel
-
-        return get_kernel("varunneal/flash-attention-3").flash_attn_interface
-    except Exception:  # no package, no network, ABI mismatch: SDPA works everywhere
-        return None
+def describe_backend() -> str:
+    """Look FA3 up now (before torch.compile) and return the one start-up line: which attention runs and why."""
+    module = _load_flash_attention_3()
+    if _override_impl is not None:
+        return f"Attention: {_override_impl.upper()} (forced by flash_attention._override_impl)"
+    if module is not None:
+        return f"Attention: Flash Attention 3 ({_fa3_reason})"
+    return f"Attention: PyTorch SDPA, sliding windows as blocked masks (FA3 not used: {_fa3_reason})"
 
 
 def __getattr__(name):
@@ -130,6 +124,9 @@ def _sdpa_causal(q, k, v, left, allow_blocks=False):
     if Tq == Tk and not (0 <= left < Tq):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if allow_blocks and Tq == Tk and 0 < left and Tq > 2 * left:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            # keep only q, k, v and the attention's outputs for backward; the block layout is rebuilt there
+            return checkpoint(_sdpa_sliding_blocks, q, k, v, left, use_reentrant=False, context_fn=_save_attention)
         return _sdpa_sliding_blocks(q, k, v, left)
     if Tq == 1:
         if windowed:  # a single query needs only its last left+1 keys: slice instead of masking
@@ -159,6 +156,24 @@ def _sdpa_sliding_blocks(q, k, v, w):
     mask = _cached(_block_mask)(B, nb, w, q.device)
     y = F.scaled_dot_product_attention(qb, key_blocks(k), key_blocks(v), attn_mask=mask, enable_gqa=H != Hkv)
     return y.view(B, nb, H, w, D).transpose(1, 2).reshape(B, H, nb * w, D)[:, :, :T]
+
+
+# Training memory of the blocked path: SDPA saves its inputs for backward, and the key/value blocks are copies
+# twice the size of k and v (each key sits in two blocks). At d12, B 32, T 2048 that is +192 MiB per S layer,
+# +1.7 GiB for SSSL's 9 S layers, which torch.compile's partitioner kept. Selective activation checkpointing saves
+# the attention op's outputs and recomputes only the cheap layout copies (pad/unfold/reshape) in backward.
+_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
+) if hasattr(torch.ops.aten, name)}  # fmt: skip
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_attention():
+    return create_selective_checkpoint_contexts(_save_attention_policy)
 
 
 def _cached(fn):

@@ -395,8 +395,9 @@ class GPT(nn.Module):
     # Optimizer
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                        scalar_lr=0.5):
-        """MuonAdamW: AdamW for embeddings/lm_head/scalars, Muon for all block matrices (one group per shape)."""
+                        scalar_lr=0.5, compile=None):
+        """MuonAdamW: AdamW for embeddings/lm_head/scalars, Muon for all block matrices (one group per shape).
+        compile: torch.compile the optimizer kernels (None = MuonAdamW's default: on CUDA only)."""
         C = self.config.n_embd
         dmodel_lr_scale = (C / 768) ** -0.5  # AdamW LRs were tuned at width 768
         print0(f"Scaling the LR for the AdamW parameters ∝1/√({C}/768) = {dmodel_lr_scale:.6f}")
@@ -415,7 +416,7 @@ class GPT(nn.Module):
             groups.append(dict(kind="muon", params=[p for p in matrix_params if p.shape == shape], lr=matrix_lr,
                                momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "parameter left out"
-        optimizer = MuonAdamW(groups)
+        optimizer = MuonAdamW(groups, compile=compile)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
         return optimizer

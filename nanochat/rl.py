@@ -305,6 +305,9 @@ def rl(cfg: RLConfig, sink: TrainSink | None = None) -> dict:
     ddp, rank, _, world, device = compute_init(device_type)
     master = rank == 0
     cfg.validate(world)
+    from nanochat.flash_attention import describe_backend
+
+    print0(describe_backend())  # FA3 looked up at start, not inside the first generation
     examples_per_rank = cfg.examples_per_step // world
 
     sft_dir, sft_step = resolve_sft_checkpoint(cfg.model_tag, cfg.model_step)

@@ -34,6 +34,8 @@ from nanochat.common import (
     is_ddp_initialized,
     print0,
 )
+from nanochat.flash_attention import describe_backend
+from nanochat.staging import HostStaging
 from nanochat.train import TrainSink, _f, check_batch_divisible
 
 
@@ -163,6 +165,7 @@ def sft_batches(dataset, tokenizer, B: int, T: int, rank: int, world: int, devic
     if state is not None:
         st.update({k: state[k] for k in ("cursor", "consumed", "epoch", "it", "buffer")})
     buffer = [(i, *tokenizer.render_conversation(dataset[i], max_tokens=max_tokens)) for i in st["buffer"]]
+    staging = HostStaging([((B, T), torch.int32), ((B, T), torch.long)], device)
     while True:
         rows, masks, lengths = [], [], []
         for _ in range(B):
@@ -202,7 +205,8 @@ def sft_batches(dataset, tokenizer, B: int, T: int, rank: int, world: int, devic
         last = is_train and ((0 < num_iterations <= st["it"]) or st["consumed"] >= size)
         progress = st["it"] / num_iterations if num_iterations > 0 else st["consumed"] / size
         out = {**st, "buffer": [i for i, _, _ in buffer], "last_step": last, "progress": min(progress, 1.0)}
-        yield batch[:, :-1].to(device=device, dtype=torch.int32), targets.to(device), out
+        # pinned, asynchronous copies on CUDA that never overwrite a buffer still being read (nanochat/staging.py)
+        yield *staging.put_copies(batch[:, :-1], targets), out
 
 
 # -----------------------------------------------------------------------------
@@ -336,6 +340,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
     model, tokenizer, base_meta, resume = _load_base(cfg, device, sink)
     cfg = inherit_from_base(SFTConfig(**cfg.to_dict()), base_meta)
     orig_model = model
+    print0(describe_backend())  # look FA3 up before torch.compile (not inside dynamo tracing: a graph break)
     if cfg.compile == 1 or (cfg.compile == -1 and device_type == "cuda"):
         model = torch.compile(model, dynamic=False)
     depth = orig_model.config.n_layer

@@ -30,10 +30,12 @@ import torch.distributed as dist
 from nanochat.common import (
     COMPUTE_DTYPE,
     COMPUTE_DTYPE_REASON,
+    CPU_EAGER_MFU,
     DummyWandb,
     NanochatError,
     PeakFlops,
     autodetect_device_type,
+    compile_choice,
     compute_cleanup,
     compute_init,
     get_base_dir,
@@ -102,7 +104,7 @@ class BaseTrainConfig:
     # Output
     model_tag: str | None = _f(None, "override model tag for checkpoint directory name (default d<depth>)")
     # --- ours (not upstream flags)
-    compile: int = _f(-1, "torch.compile the model: 1/0, -1 = auto (on for CUDA, off on CPU/MPS)")
+    compile: int = _f(-1, "torch.compile the model: 1/0, -1 = auto (CUDA; CPU runs long enough to pay it back)")
     data: str = _f("parquet", "training data: parquet (base_data shards) | synthetic (seeded tokens, for tests)")
     seed: int = _f(42, "seed of the synthetic data stream (weights always use upstream's seed 42)")
     vocab_size: int = _f(-1, "synthetic data without a tokenizer: vocab size (-1 = take it from the tokenizer)")
@@ -472,22 +474,9 @@ class _Run:
         return wandb.init(project="nanochat", name=self.cfg.run, config=self.cfg.to_dict())
 
     def _print_attention_backend(self):
-        try:
-            from nanochat.flash_attention import USE_FA3
-        except ImportError:
-            USE_FA3 = False
-        if USE_FA3:
-            print0("✓ Using Flash Attention 3: efficient, new and awesome.")
-            return
-        print0("!" * 80)
-        print0("WARNING: Flash Attention 3 not available, using PyTorch SDPA fallback")
-        print0("WARNING: Training will be less efficient without FA3")
-        if self.cfg.window_pattern != "L":
-            print0(f"WARNING: SDPA has no support for sliding window attention (window_pattern="
-                   f"'{self.cfg.window_pattern}'). Your GPU utilization will be terrible.")
-            print0("WARNING: Recommend using --window-pattern L for full context attention without alternating "
-                   "sliding window patterns.")
-        print0("!" * 80)
+        from nanochat.flash_attention import describe_backend
+
+        print0(describe_backend())  # looks FA3 up now, before torch.compile traces the model
 
     def _build_model(self):
         cfg = self.cfg
@@ -512,8 +501,12 @@ class _Run:
         if cfg.fp8:
             self._convert_fp8(model)
         self.orig_model = model  # uncompiled: saving, sampling, CORE
-        use_compile = cfg.compile == 1 or (cfg.compile == -1 and self.device_type == "cuda")
-        self.model = torch.compile(model, dynamic=False) if use_compile else model
+        plan = plan_for(cfg, self.vocab_size, self.world, model=model)  # eager-time estimate: compile or not
+        eager_s = plan.flops_per_token * plan.total_batch_size * plan.num_iterations / self.world / (
+            self.peak.value * CPU_EAGER_MFU)
+        self.use_compile, why = compile_choice(cfg.compile, self.device_type, eager_s)
+        print0(f"torch.compile: {'on' if self.use_compile else 'off'} ({why})")
+        self.model = torch.compile(model, dynamic=False) if self.use_compile else model
 
     def _convert_fp8(self, model):
         if self.device_type != "cuda":
@@ -539,7 +532,7 @@ class _Run:
         s = self.plan.batch_lr_scale
         self.optimizer = self.orig_model.setup_optimizer(
             unembedding_lr=cfg.unembedding_lr * s, embedding_lr=cfg.embedding_lr * s, scalar_lr=cfg.scalar_lr * s,
-            matrix_lr=cfg.matrix_lr * s, weight_decay=self.plan.weight_decay,
+            matrix_lr=cfg.matrix_lr * s, weight_decay=self.plan.weight_decay, compile=self.use_compile or None,
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
         if self.scaler is not None:

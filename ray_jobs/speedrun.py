@@ -722,9 +722,11 @@ def main(argv=None) -> int:
         os.environ["NANOCHAT_BASE_DIR"] = base_dir  # resolved (default included): forwarded to every Ray worker
         storage.check_writable(base_dir)  # a bad path or bucket fails here, in seconds
         log(f"preset {preset['preset']} | base dir {base_dir}")
+        from nanochat.common import apply_gpu_env_defaults
         from ray_jobs import cluster_utils
         from ray_jobs import train_common as tc
 
+        apply_gpu_env_defaults()  # PYTORCH_ALLOC_CONF (unless set): forwarded to every Ray worker below
         r = preset["ray"]
         info = cluster_utils.connect(args.address, num_cpus=int(r["num_cpus"]) if int(r["num_cpus"]) > 0 else None,
                                      include_dashboard=bool(r["dashboard"]), env_vars=tc.forwarded_env())  # fmt: skip

@@ -34,7 +34,7 @@ import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from nanochat.common import NanochatError, get_base_dir
+from nanochat.common import NanochatError, apply_gpu_env_defaults, get_base_dir, gpu_env_defaults
 from nanochat.train import TrainSink
 
 # Environment forwarded to the Ray job and its workers: storage credentials/endpoint, nanochat and wandb settings.
@@ -148,24 +148,34 @@ def world_sizes(cluster: ClusterArgs) -> list[int]:
 
 
 def resolve_use_gpu(cluster: ClusterArgs, device_type: str) -> bool:
+    """GPU or CPU Train workers. Joining an existing cluster (--address, RAY_ADDRESS, or Ray already initialized),
+    this connects first and asks the cluster (ray_jobs/cluster_gpus.py): a CPU-only head must not decide."""
     if device_type and device_type != "cuda":
         if cluster.use_gpu == "1":
             raise NanochatError(f"--use-gpu 1 contradicts --device-type {device_type}")
         return False
-    if cluster.use_gpu != "auto":
-        return cluster.use_gpu == "1"
-    if device_type == "cuda":
-        return True
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:  # a GPU cluster driven from a CPU-only head node
-        import ray
-
-        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    except Exception:
+    if cluster.use_gpu == "0":
         return False
+    from ray_jobs import cluster_gpus
+
+    requested = "1" if (cluster.use_gpu == "1" or device_type == "cuda") else "auto"
+    if joins_existing_cluster(cluster):
+        ray_init(cluster)
+        use_gpu, why = cluster_gpus.decide(requested, cluster_gpus.gpu_outlook())
+    else:
+        import torch
+
+        use_gpu, why = cluster_gpus.decide_local(requested, torch.cuda.is_available())
+    print(f"[ray] {why}")
+    return use_gpu
+
+
+def joins_existing_cluster(cluster: ClusterArgs) -> bool:
+    """True when the run goes to a running cluster rather than an embedded one started on this machine."""
+    import ray
+
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    return ray.is_initialized() or (bool(address) and address != "local")
 
 
 def check_storage(*locations: str):
@@ -441,7 +451,7 @@ def ray_init(cluster: ClusterArgs):
         return
     # "local": a fresh embedded cluster, never a stray `ray start` cluster found via /tmp/ray/ray_current_cluster
     address = cluster.address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, log_to_driver=True)
+    ray.init(address=address, runtime_env={"env_vars": {**gpu_env_defaults(), **forwarded_env()}}, log_to_driver=True)
 
 
 def default_storage() -> str:
@@ -450,21 +460,11 @@ def default_storage() -> str:
     return storage.join(get_base_dir(), "ray_runs")
 
 
-def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: bool, run_name: str):
-    """Run worker_fn(loop_config) on a TorchTrainer; returns the ray.train.Result (raises once retries run out)."""
+def scaling_config(cluster: ClusterArgs, use_gpu: bool):
+    """The trainer's ScalingConfig: 1 GPU (and 4 CPUs) per GPU worker, or the CPUs split across CPU workers."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import ScalingConfig
 
-    from nanochat import storage
-
-    ray_init(cluster)
-    resolve_ray_data_actors(cluster, use_gpu)  # callers that skipped prepare(): reserve CPUs for auto's actors
-    storage_uri = cluster.storage or default_storage()
-    fs_kwargs = {"storage_path": storage_uri}
-    if storage.is_remote(storage_uri):  # explicit filesystem: the endpoint and keys travel with it
-        fs, path = storage.get_filesystem(storage_uri)
-        fs_kwargs = {"storage_path": path, "storage_filesystem": fs}
     cpus = cluster.cpus_per_worker
     if cpus <= 0:
         total = ray.cluster_resources().get("CPU", 1)
@@ -476,17 +476,34 @@ def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: boo
     num_workers = cluster.num_workers
     if cluster.min_workers > 0 and cluster.min_workers < num_workers:
         num_workers = (cluster.min_workers, cluster.num_workers)
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: bool, run_name: str):
+    """Run worker_fn(loop_config) on a TorchTrainer; returns the ray.train.Result (raises once retries run out)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from nanochat import storage
+
+    ray_init(cluster)
+    resolve_ray_data_actors(cluster, use_gpu)  # callers that skipped prepare(): reserve CPUs for auto's actors
+    storage_uri = cluster.storage or default_storage()
+    fs_kwargs = {"storage_path": storage_uri}
+    if storage.is_remote(storage_uri):  # explicit filesystem: the endpoint and keys travel with it
+        fs, path = storage.get_filesystem(storage_uri)
+        fs_kwargs = {"storage_path": path, "storage_filesystem": fs}
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(cluster, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(os.environ.get(
             "NANOCHAT_COLLECTIVE_TIMEOUT_S", 1800))),
         run_config=RunConfig(
             name=run_name,
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
-            worker_runtime_env={"env_vars": {**forwarded_env(), **TRAIN_WORKER_ENV}},
+            worker_runtime_env={"env_vars": {**gpu_env_defaults(), **forwarded_env(), **TRAIN_WORKER_ENV}},
             **fs_kwargs,
         ),
     )
@@ -537,6 +554,7 @@ def run_job(parse, prepare, loop, worker_fn, summary, argv=None) -> int:
     from nanochat.common import print0, print_banner
 
     print_banner()
+    apply_gpu_env_defaults()  # before anything touches CUDA (in-process and torchrun runs; workers: runtime_env)
     try:
         cfg, cluster = parse(argv)
         cfg, use_gpu, run_name = prepare(cfg, cluster)
