@@ -89,9 +89,14 @@ def derive_config(config: dict, cpus_per_node: int, idle_timeout_s: float, gcs_a
         "idle_timeout_minutes": idle_timeout_s / 60.0,
         # Ray's fake_multinode provider, loaded as an `external` module: the wheel lacks the defaults file that
         # `type: fake_multinode` reads (fake_multi_node/example.yaml), and the provider class is the same
-        "provider": {"type": "external", "module": FAKE_PROVIDER, "launch_multiple": True,
-                     "head_node_id": FAKE_HEAD_NODE_ID, "gcs_address": gcs_address,
-                     "disable_node_updaters": True},  # fake nodes start Ray themselves: nothing to install  # fmt: skip
+        "provider": {
+            "type": "external",
+            "module": FAKE_PROVIDER,
+            "launch_multiple": True,
+            "head_node_id": FAKE_HEAD_NODE_ID,
+            "gcs_address": gcs_address,
+            "disable_node_updaters": True,
+        },  # fake nodes start Ray themselves: nothing to install  # fmt: skip
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types,
         "head_node_type": FAKE_HEAD_TYPE,

@@ -52,7 +52,7 @@ def install_args(install_kernel, kwargs: dict) -> dict:
 def main() -> int:
     calls = kernel_calls()
     if not calls:
-        print(f"error: no get_kernel(\"org/name\") call in {LOOKUP_FILE}: nothing to prefetch", file=sys.stderr)
+        print(f'error: no get_kernel("org/name") call in {LOOKUP_FILE}: nothing to prefetch', file=sys.stderr)
         return 1
     try:
         from kernels import install_kernel
