@@ -4,7 +4,8 @@ Try a `ray up` cluster config on this machine: its node types become an autoscal
 
     python cluster/local_cluster.py up cluster/aws-gpu.yaml         # prints the dashboard, token and submit command
     export RAY_ADDRESS=http://127.0.0.1:PORT RAY_AUTH_MODE=token RAY_AUTH_TOKEN=...
-    ray job submit --working-dir . --entrypoint-num-cpus 0 -- python ray_jobs/speedrun.py --preset cpu-tiny
+    ray job submit --entrypoint-num-cpus 0 --runtime-env-json '{"env_vars": {"PYTHONPATH": "'$PWD'"}}' \
+        -- $PWD/.venv/bin/python $PWD/ray_jobs/speedrun.py --preset cpu-tiny
     python cluster/local_cluster.py status --state /tmp/rlcXXXX/local_cluster.json
     python cluster/local_cluster.py down --state /tmp/rlcXXXX/local_cluster.json
 
@@ -13,6 +14,10 @@ head's advertised resources and the flags of its `ray start --head` command (the
 after `ray up`, with autoscaler v2 as `ray up` enables it). Replaced: the cloud (fake nodes are Ray processes on this
 machine), each worker type's resources (CPU-sized: --cpus-per-node CPUs, no GPUs), every port (free ones), the idle
 timeout (--idle-timeout-s, so a scale-down is seen in seconds), docker and setup commands (not run).
+
+Submit without `--working-dir` (the code is on this machine, as it is in the image on a real cluster): the fake nodes
+share this machine's Ray session directory, and a worker node's runtime-env agent deletes a working_dir it no longer
+needs, which is the head's copy too (the job's driver would lose its current directory).
 
 `ray down` is not used: for this provider it runs `ray stop` on the machine, which stops every Ray cluster of the
 user. `down` ends the process session that `up` started (the head, its autoscaler and the fake nodes the autoscaler
@@ -242,15 +247,27 @@ def main(argv=None) -> int:
     u.add_argument("--temp-dir", default=None)
     u.add_argument("--cpus-per-node", type=int, default=2, help="CPUs of each fake worker node (default 2)")
     u.add_argument("--idle-timeout-s", type=float, default=10.0, help="scale an idle worker down after this")
+    u.add_argument(
+        "--system-config",
+        type=json.loads,
+        default=None,
+        help="Ray system config (JSON), e.g. "
+        "'{\"metrics_report_interval_ms\": 1000}' to export custom metrics every second",
+    )
     for name in ("status", "down"):
         p = sub.add_parser(name)
         p.add_argument("--state", required=True, help="the local_cluster.json that `up` printed")
     args = ap.parse_args(argv)
     if args.cmd == "up":
-        state = up(args.config, args.temp_dir, args.cpus_per_node, args.idle_timeout_s)
+        state = up(args.config, args.temp_dir, args.cpus_per_node, args.idle_timeout_s, args.system_config)
         print(json.dumps({k: state[k] for k in ("address", "state_path", "temp_dir")}))
         print(f"export RAY_ADDRESS={state['address']} RAY_AUTH_MODE=token RAY_AUTH_TOKEN={state['token']}")
-        print("ray job submit --working-dir . --entrypoint-num-cpus 0 -- python ray_jobs/speedrun.py --preset cpu-tiny")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = json.dumps({"env_vars": {"PYTHONPATH": root}})
+        print(
+            f"ray job submit --entrypoint-num-cpus 0 --runtime-env-json '{env}' -- {sys.executable} "
+            f"{root}/ray_jobs/speedrun.py --preset cpu-tiny"
+        )
         print(f"python cluster/local_cluster.py down --state {state['state_path']}")
         return 0
     with open(args.state) as f:
