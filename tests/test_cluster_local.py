@@ -178,6 +178,7 @@ def test_job_autoscales_a_worker_trains_reports_metrics_and_scales_down(cluster,
         logs = local_cluster.api(state, "/api/jobs/local-speedrun/logs")["logs"]
         assert final == "SUCCEEDED", logs[-4000:]
         assert "[speedrun] base_train: done" in logs
+        assert "on the head (from your machine: `ray dashboard CLUSTER.yaml`" in logs  # the start-up hint
 
         # the dashboard's training panels, as Grafana would query them, return the run's series
         end = time.time()
