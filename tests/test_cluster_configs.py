@@ -116,6 +116,12 @@ EFA_INTERFACES = {"p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16, "p
 def aws_problems(config: dict) -> list[str]:
     """Rules a `ray up` AWS config must follow to reach the first training step on 8xH100 nodes."""
     problems = common_problems(config)
+    provider = config.get("provider") or {}
+    if any("NetworkInterfaces" in (t.get("node_config") or {}) for t in config["available_node_types"].values()):
+        if not (provider.get("use_internal_ips") and provider.get("use_external_head_ip")):
+            problems.append("provider: nodes with many network interfaces get no public IP, so Ray must reach the "
+                            "workers at internal IPs (use_internal_ips) and the head at its public one "
+                            "(use_external_head_ip)")  # fmt: skip
     for name, t in config["available_node_types"].items():
         nc = t.get("node_config") or {}
         ami = str(nc.get("ImageId", ""))
@@ -270,7 +276,8 @@ def test_configs_before_this_change_fail_the_rules():
 
 
 @pytest.mark.parametrize("breakage", ["latest_dlami", "no_instance_profile", "no_efa_interfaces", "no_infiniband",
-                                      "unpinned_image", "stock_image", "pip_at_start", "min_workers"])  # fmt: skip
+                                      "unpinned_image", "stock_image", "pip_at_start", "min_workers",
+                                      "public_ips"])  # fmt: skip
 def test_aws_rules_reject(breakage):
     config = load(CLUSTER / "aws-gpu.yaml")
     head, gpu = config["available_node_types"]["head"], config["available_node_types"]["gpu_8x_h100"]
@@ -288,6 +295,8 @@ def test_aws_rules_reject(breakage):
         config["docker"]["image"] = "rayproject/ray:2.60.0-py311-gpu"
     elif breakage == "pip_at_start":
         config["setup_commands"] = ["pip install -q torch"]
+    elif breakage == "public_ips":
+        del config["provider"]["use_internal_ips"]
     else:
         gpu["min_workers"] = 1
     ray_up_check(config)  # still schema-valid: only our rules see it
@@ -300,6 +309,7 @@ def test_aws_rules_reject(breakage):
         "stock_image": "not the project image",
         "pip_at_start": "installs packages at start",
         "min_workers": "min_workers must be 0",
+        "public_ips": "use_internal_ips",
     }[breakage]
     problems = aws_problems(config)
     assert problems and all(expected in p or "not the project image" in p for p in problems), problems
