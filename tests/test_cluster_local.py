@@ -45,27 +45,43 @@ def wait_for(cond, timeout, what, every=1.0):
     raise TimeoutError(what)
 
 
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line.split()[1] for line in f if line.startswith("State:")) != "Z"
+    except (OSError, StopIteration):
+        return False
+
+
 class Prometheus:
-    """Debian's prometheus binary on a free loopback port, with Ray's generated scrape config (1 s interval)."""
+    """Prometheus as a cluster head starts it (cluster/monitoring/start-monitoring.sh: Ray's generated scrape config
+    for this session, nanochat's Grafana dashboard added to Ray's), on a free loopback port, scraping every second."""
 
     def __init__(self, session_dir: str, workdir: str):
-        binary = shutil.which("prometheus")
-        if binary is None:
+        if shutil.which("prometheus") is None:
             pytest.fail("Prometheus is not installed: run `bash install.sh --test` (apt-get install prometheus)")
-        generated = Path(session_dir) / "metrics" / "prometheus" / "prometheus.yml"
-        config = yaml.safe_load(generated.read_text())  # what Ray wrote for this session (the documented set-up)
+        self.workdir = Path(workdir)
+        (self.port,) = local_cluster.free_ports(1)
+        env = {
+            **os.environ,
+            "RAY_SESSION_DIR": session_dir,
+            "MONITORING_DIR": workdir,
+            "PROMETHEUS_PORT": str(self.port),
+            "PROMETHEUS_SCRAPE_INTERVAL": "1s",
+            "PATH": os.environ["PATH"],
+        }
+        out = subprocess.run(["bash", str(ROOT / "cluster" / "monitoring" / "start-monitoring.sh")], env=env,
+                             capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        self.pid = int((self.workdir / "prometheus.pid").read_text())
+        # Ray's config, with the session's service-discovery file, and the dashboard next to Ray's own
+        config = yaml.safe_load((self.workdir / "prometheus.yml").read_text())
         (sd_file,) = config["scrape_configs"][0]["file_sd_configs"][0]["files"]
         assert sd_file == str(Path(session_dir) / "prom_metrics_service_discovery.json")
-        config["global"]["scrape_interval"] = "1s"  # the run is short
-        config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"
-        path = Path(workdir) / "prometheus.yml"
-        path.write_text(yaml.safe_dump(config))
-        (self.port,) = local_cluster.free_ports(1)
-        self.log = open(Path(workdir) / "prometheus.log", "w")
-        self.proc = subprocess.Popen([binary, f"--config.file={path}", f"--storage.tsdb.path={workdir}/tsdb",
-                                      f"--web.listen-address=127.0.0.1:{self.port}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        wait_for(self.ready, 60, "Prometheus did not start")
+        assert config["global"]["scrape_interval"] == "1s"
+        assert (Path(session_dir) / "metrics" / "grafana" / "dashboards" / "nanochat-dashboard.json").exists()
+        wait_for(self.ready, 60, "Prometheus did not start: " + (self.workdir / "prometheus.log").read_text()[-2000:])
 
     def ready(self) -> bool:
         try:
@@ -82,13 +98,17 @@ class Prometheus:
         return out["data"]
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        """By the pid the script recorded (only this Prometheus)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                wait_for(lambda: not alive(self.pid), 20, "Prometheus did not stop", every=0.2)
+                return
+            except TimeoutError:
+                continue
 
 
 @pytest.fixture(scope="module")
