@@ -412,15 +412,15 @@ GAUGES = {  # Ray custom metric name -> (metric key in the loop's metrics, descr
     "nanochat_train_loss": ("train/loss", "smoothed training loss"),
     "nanochat_train_step": ("step", "optimizer steps done"),
     "nanochat_train_step_seconds": ("train/dt", "wall time of the last optimizer step, seconds"),
-    "nanochat_train_val_bpb": ("val/bpb", "validation bits per byte (set at each evaluation)"),
 }
+EVAL_GAUGES = {"nanochat_train_val_bpb": ("val/bpb", "validation bits per byte (set at each evaluation)")}
 
 
 def _make_gauges(run_name: str):
     from ray.util.metrics import Gauge
 
     gauges = {}
-    for name, (key, desc) in GAUGES.items():
+    for name, (key, desc) in {**GAUGES, **EVAL_GAUGES}.items():
         g = Gauge(name, description=desc, tag_keys=("run",))
         g.set_default_tags({"run": run_name})
         gauges[key] = g

@@ -696,3 +696,41 @@ def test_broken_kuberay_manifest_rejected(breakage):
         assert crd_errors(doc) != []
     else:
         assert crd_errors(doc) == [] and kuberay_problems(doc) != []
+
+
+# -----------------------------------------------------------------------------
+# Monitoring: the Grafana dashboard
+
+SERVE_METRICS = ("nanochat_serve_ttft_seconds", "nanochat_serve_tpot_seconds", "nanochat_serve_output_tokens_total",
+                 "nanochat_serve_running_requests", "nanochat_serve_waiting_requests", "nanochat_serve_batch_occupancy",
+                 "nanochat_serve_kv_cache_usage", "nanochat_serve_prefix_cache_hit_tokens_total")  # fmt: skip
+ANNOUNCED_TRAIN = ("nanochat_train_steps_lost",)  # set by the preemption work (restarts): a panel waits for it
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((CLUSTER / "monitoring" / "nanochat-dashboard.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_covers_the_custom_metrics_with_valid_promql(tmp_path):
+    from ray_jobs.train_common import EVAL_GAUGES, GAUGES
+
+    exprs = dashboard_exprs()
+    used = {m for e in exprs for m in re.findall(r"\bray_(nanochat_\w+?)(?:_bucket)?\b", e)}
+    wanted = set(GAUGES) | set(EVAL_GAUGES) | set(SERVE_METRICS)
+    assert wanted <= used, wanted - used  # every training gauge and serving metric has a panel
+    assert used <= wanted | set(ANNOUNCED_TRAIN), used - wanted  # and no panel queries a metric nobody exports
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `bash install.sh --test` (Debian's prometheus package)")
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"nanochat:panel_{i}", "expr": e.replace("$run", ".*")}
+                                                         for i, e in enumerate(exprs)]}]}  # fmt: skip
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"SUCCESS: {len(exprs)} rules found" in out.stdout, out.stdout + out.stderr
+    path.write_text(
+        yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "x:y", "expr": "sum(rate(x[1m])"}]}]})
+    )
+    assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True).returncode != 0
+    subprocess.run(["bash", "-n", str(CLUSTER / "monitoring" / "start-monitoring.sh")], check=True)
