@@ -25,6 +25,7 @@ launched all live in it) plus any process whose command line names this cluster'
 """
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -48,13 +49,12 @@ REPLACED_FLAGS = {"--port", "--autoscaling-config", "--dashboard-host", "--dashb
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    """n distinct free loopback TCP ports (all bound at once, so they differ)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def head_start_flags(config: dict) -> list[str]:

@@ -734,3 +734,31 @@ def test_dashboard_covers_the_custom_metrics_with_valid_promql(tmp_path):
     )
     assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True).returncode != 0
     subprocess.run(["bash", "-n", str(CLUSTER / "monitoring" / "start-monitoring.sh")], check=True)
+
+
+# -----------------------------------------------------------------------------
+# cluster/local_cluster.py: the local stand-in keeps the config's node types and head start command
+
+
+def test_local_cluster_derives_from_the_real_node_types():
+    sys.path.insert(0, str(CLUSTER))
+    try:
+        import local_cluster
+    finally:
+        sys.path.remove(str(CLUSTER))
+    config = load(CLUSTER / "aws-gpu.yaml")
+    derived = local_cluster.derive_config(config, cpus_per_node=2, idle_timeout_s=8, gcs_address="127.0.0.1:1")
+    ray_up_check(derived)  # what the head's autoscaler will load
+    head = derived["available_node_types"][local_cluster.FAKE_HEAD_TYPE]
+    assert head["resources"] == config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    workers = {n: t for n, t in derived["available_node_types"].items() if n != local_cluster.FAKE_HEAD_TYPE}
+    assert set(workers) == {"gpu_8x_h100"}
+    for name, t in workers.items():
+        real = config["available_node_types"][name]
+        assert (t["min_workers"], t["max_workers"]) == (real["min_workers"], real["max_workers"])
+        assert t["resources"] == {"CPU": 2}
+    assert derived["max_workers"] == config["max_workers"] and derived["idle_timeout_minutes"] * 60 == 8
+    flags = local_cluster.head_start_flags(config)  # the YAML's own flags, minus ports and local files
+    assert flags == []  # aws-gpu.yaml sets only flags that name ports/files/hosts, which the local run replaces
+    config["head_start_ray_commands"][1] += " --object-store-memory=1000000000"
+    assert local_cluster.head_start_flags(config) == ["--object-store-memory=1000000000"]
