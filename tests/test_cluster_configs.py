@@ -129,7 +129,10 @@ def aws_problems(config: dict) -> list[str]:
             problems.append(f"{name}: ImageId {ami!r} is not a pinned AMI id (never latest_dlami: Ray maps it to an "
                             f"Ubuntu 18.04 / CUDA 11.2 image)")  # fmt: skip
         profile = nc.get("IamInstanceProfile") or {}
-        if not (profile.get("Arn") or profile.get("Name")):
+        if not (profile.get("Arn") or profile.get("Name")) and name == config["head_node_type"]:
+            problems.append(f"{name}: no IamInstanceProfile (Ray would attach ray-autoscaler-v1: full EC2 and S3 "
+                            f"access, far wider than the bucket)")  # fmt: skip
+        elif not (profile.get("Arn") or profile.get("Name")):
             problems.append(f"{name}: no IamInstanceProfile (Ray gives its default profile to the head only; this "
                             f"node could not read or write the bucket)")  # fmt: skip
         itype = nc.get("InstanceType", "")
