@@ -733,6 +733,7 @@ def main(argv=None) -> int:
         where = "embedded Ray" if info.embedded else f"Ray cluster {info.address}"
         log(f"{where}: {info.num_nodes} node(s), {info.resources} (ray.init {info.init_seconds:.1f}s)"
             + (f" | dashboard {info.dashboard_url}" if info.dashboard_url else ""))
+        log(cluster_utils.dashboard_hint(info) or "no dashboard")
         run = load_run(base_dir, preset, args.fresh)
         env = collect_environment(info)
         write_json(storage.join(speedrun_dir(base_dir), "environment.json"), env)

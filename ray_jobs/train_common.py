@@ -269,6 +269,8 @@ class RaySink(TrainSink):
             self.ray_train.report(_plain(self._with_evals(metrics)))
 
     def on_eval(self, step: int, metrics: dict) -> None:
+        if self.gauges is not None:
+            _set_gauges(self.gauges, metrics)  # val/bpb
         # ride along with the next step / checkpoint / final report (report is a barrier: no extra call here)
         for k, v in metrics.items():
             if k not in ("step", "total_training_flops", "total_training_time"):
@@ -419,14 +421,16 @@ GAUGES = {  # Ray custom metric name -> (metric key in the loop's metrics, descr
     "nanochat_train_mfu_percent": ("train/mfu", "model FLOPs utilization, % of peak (measured peak on CPU)"),
     "nanochat_train_loss": ("train/loss", "smoothed training loss"),
     "nanochat_train_step": ("step", "optimizer steps done"),
+    "nanochat_train_step_seconds": ("train/dt", "wall time of the last optimizer step, seconds"),
 }
+EVAL_GAUGES = {"nanochat_train_val_bpb": ("val/bpb", "validation bits per byte (set at each evaluation)")}
 
 
 def _make_gauges(run_name: str):
     from ray.util.metrics import Gauge
 
     gauges = {}
-    for name, (key, desc) in GAUGES.items():
+    for name, (key, desc) in {**GAUGES, **EVAL_GAUGES}.items():
         g = Gauge(name, description=desc, tag_keys=("run",))
         g.set_default_tags({"run": run_name})
         gauges[key] = g
