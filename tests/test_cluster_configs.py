@@ -19,6 +19,7 @@ Each rule has a negative test; the rules also fire on the configs as they were b
 import copy
 import functools
 import gzip
+import inspect
 import json
 import re
 import shlex
@@ -391,7 +392,7 @@ def test_dockerfile_pins_base_torch_and_plugins():
                                                                                     args["EFA_INSTALLER_VERSION"])  # fmt: skip
     assert "aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" in text and "--skip-kmod" in text
     assert "libnccl-net-ofi.so" in text and "/opt/nccl-net" in re.search(r"ENV LD_LIBRARY_PATH=(\S+)", text).group(1)
-    assert "RUN python /opt/nanochat/cluster/prefetch_fa3.py" in text
+    assert "RUN python -m nanochat.fa3 --prefetch" in text
     build = (CLUSTER / "build-image.sh").read_text()
     assert "docker build -f cluster/Dockerfile" in build and "docker push" in build
     subprocess.run(["bash", "-n", str(CLUSTER / "build-image.sh")], check=True)
@@ -400,32 +401,22 @@ def test_dockerfile_pins_base_torch_and_plugins():
 
 
 def test_fa3_prefetch_matches_the_lookup():
-    """The image pre-fetches exactly the kernel repos nanochat/flash_attention.py asks the kernel hub for."""
-    sys.path.insert(0, str(CLUSTER))
-    try:
-        import prefetch_fa3
-    finally:
-        sys.path.remove(str(CLUSTER))
-    calls = prefetch_fa3.kernel_calls()
-    source = (ROOT / "nanochat" / "flash_attention.py").read_text()
-    named = set(re.findall(r"get_kernel\(\s*[\"']([\w.-]+/[\w.-]+)[\"']", source))
-    assert named and {repo for repo, _ in calls} == named
+    """The image pre-fetches exactly the kernel repos the FA3 lookup can ask the kernel hub for."""
+    import torch
 
-    def install_kernel_old(repo_id, revision, local_files_only=False): ...  # kernels 0.11's signature
+    from nanochat import fa3
 
-    def install_kernel_new(repo_id, *, revision=None, version=None, trust_remote_code=False): ...
-
-    assert prefetch_fa3.install_args(install_kernel_old, {}) == {"revision": "main"}
-    assert prefetch_fa3.install_args(install_kernel_new, {"version": 1, "trust_remote_code": True}) == \
-        {"version": 1, "trust_remote_code": True}  # fmt: skip
+    looked_up = {fa3.plan(True, cap, torch.bfloat16)[0] for cap in [(8, 0), (8, 6), (8, 9), (9, 0)]}
+    assert None not in looked_up
+    assert set(inspect.signature(fa3.prefetch).parameters["repos"].default) == looked_up
 
 
 def test_fa3_prefetch_fails_the_build_without_the_kernel(tmp_path):
-    """No network here: the prefetch must exit non-zero with a one-line error, so `docker build` stops."""
+    """No network here: the prefetch must exit non-zero without a traceback, so `docker build` stops."""
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(CLUSTER / "prefetch_fa3.py")], env=env, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
-    assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "nanochat.fa3", "--prefetch"], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert out.returncode != 0 and "FAILED" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_every_config_runs_the_one_image():
