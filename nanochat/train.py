@@ -110,6 +110,13 @@ class _Run:
         print0(f"Vocab size: {self.vocab_size:,}")
         self._build_model()
         self._setup_optimizer_and_state()
+        from nanochat.checkpoint_saver import Checkpointing
+
+        self.ckpt = Checkpointing(self.checkpoint_dir, self.rank, self.device, self.sink, self.step,
+                                  resumed=self.meta is not None, save_every=cfg.save_every,
+                                  save_every_minutes=cfg.save_every_minutes, keep=cfg.keep_checkpoints,
+                                  background=bool(cfg.background_save),
+                                  protect=lambda: {s for _, s in self.pending_evals})  # fmt: skip
 
     def _init_wandb(self):
         if self.cfg.run == "dummy" or not self.master:
@@ -194,12 +201,15 @@ class _Run:
         data_state = None
         self.step, self.val_bpb, self.min_val_bpb = 0, None, float("inf")
         self.core_history = []  # (step, CORE metric) of this run, in the order the results arrived
+        self.pending_evals = set()  # (kind, step) launched asynchronously and not reported yet
+        self.lost_evals = []  # (kind, step) the previous worker group never reported: relaunched at the start
         self.smooth_loss, self.total_time = 0.0, 0.0
         if self.meta is not None:
             meta = self.meta
             load_optimizer_for_world(self.optimizer, self.checkpoint_dir, self.resume_step, meta, self.device,
                                      self.rank, self.world)
             self.step, self.val_bpb = meta["step"], meta.get("val_bpb")
+            self.lost_evals = [tuple(e) for e in meta.get("pending_evals", [])]
             loop = meta["loop_state"]
             self.min_val_bpb = loop["min_val_bpb"]
             self.smooth_loss, self.total_time = loop["smooth_train_loss"], loop["total_training_time"]
@@ -247,11 +257,31 @@ class _Run:
                 results = evaluate_core(self.orig_model, self.tokenizer, self.device,
                                         max_per_task=cfg.core_metric_max_per_task)
         self.model.train()
-        if not results.get("pending"):  # else launched asynchronously: collect_evals reports it when ready
-            self.report_core(self.step, results)
+        if results.get("pending"):  # launched asynchronously: collect_evals reports it when ready
+            self.pending_evals.add(("core", self.step))
+            return True
+        self.report_core(self.step, results)
+        return False
+
+    def relaunch_lost_evals(self):
+        """Asynchronous evaluations the previous worker group launched and never reported (their tasks died with
+        it): launch them again from their step's checkpoint (saved because of them, and kept by retention)."""
+        from nanochat.checkpoint_manager import complete_steps
+
+        for kind, step in self.lost_evals:
+            if kind != "core":
+                continue
+            if step in complete_steps(self.checkpoint_dir) and self.sink.relaunch_eval(
+                    kind, step, self.checkpoint_dir, self.device, {"max_per_task": self.cfg.core_metric_max_per_task}):
+                print0(f"Step {step:05d} | CORE evaluation relaunched after a restart")
+                self.pending_evals.add((kind, step))
+            else:
+                print0(f"WARNING: the step-{step} CORE evaluation was lost in a restart and cannot be relaunched")
+        self.lost_evals = []
 
     def report_core(self, step: int, results: dict):
         """Print / log / hand to the sink the CORE result of the model at `step` (maybe a later step's news)."""
+        self.pending_evals.discard(("core", step))
         self.core_history.append((step, results["core_metric"]))
         late = f" (ready at step {self.step})" if step != self.step else ""
         print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}{late}")
@@ -280,9 +310,8 @@ class _Run:
             print0(self.tokenizer.decode(sample[0]))
         self.model.train()
 
-    def save(self):
-        from nanochat.checkpoint_manager import save_checkpoint
-
+    def make_save(self, why: str):
+        """What Checkpointing saves now: (model state, optimizer state, meta, on_complete). Every rank."""
         # every rank's data position, so a resume with the same world size continues each rank's own stream
         states = [self.consumed_state]
         if self.ddp and is_ddp_initialized():
@@ -301,13 +330,15 @@ class _Run:
                            "total_training_time": self.total_time},
             "world_size": self.world,
             "dataloader_state_dicts": states,
+            "pending_evals": sorted(self.pending_evals),  # relaunched after a restart from this checkpoint
             **self.sink.checkpoint_meta(),
         }
-        save_checkpoint(self.checkpoint_dir, self.step, self.orig_model.state_dict(), self.optimizer.state_dict(),
-                        meta, rank=self.rank)
-        if self.ddp and is_ddp_initialized():
-            dist.barrier()  # the step is complete on storage for everyone before anyone announces it
-        self.sink.on_checkpoint(self.step, self.checkpoint_dir, {"step": self.step, "val_bpb": self.val_bpb})
+        step, val_bpb = self.step, self.val_bpb
+
+        def on_complete(_):  # every rank, once the step is complete on storage (maybe a few steps later)
+            self.sink.on_checkpoint(step, self.checkpoint_dir, {"step": step, "val_bpb": val_bpb})
+
+        return self.orig_model.state_dict(), self.optimizer.state_dict(), meta, on_complete
 
     def _flops_so_far(self, step: int | None = None):
         return self.plan.flops_per_token * self.plan.total_batch_size * (self.step if step is None else step)
@@ -407,6 +438,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
     cfg.validate()
     run = _Run(cfg, sink)
     plan, start_step = run.plan, run.step
+    run.relaunch_lost_evals()
     losses, tok_rates, mfus, dts = [], [], [], []
     gc_was_enabled = gc.isenabled()
     try:
@@ -414,14 +446,13 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
             last = run.step == plan.num_iterations  # one extra pass so the last step evaluates and saves
             if cfg.eval_every > 0 and (last or run.step % cfg.eval_every == 0):
                 run.evaluate_val()
+            force = None
             if cfg.core_metric_every > 0 and (last or (run.step > 0 and run.step % cfg.core_metric_every == 0)):
-                run.evaluate_core()
+                if run.evaluate_core():
+                    force = "eval"  # its weights must survive a restart, to relaunch the evaluation
             if cfg.sample_every > 0 and run.master and (last or (run.step > 0 and run.step % cfg.sample_every == 0)):
                 run.sample()
-            periodic = cfg.save_every > 0 and run.step % cfg.save_every == 0
-            resumed_at_end = last and run.step == start_step and run.meta is not None  # already saved
-            if (last and not resumed_at_end) or (run.step > 0 and run.step != start_step and periodic):
-                run.save()
+            run.ckpt.before_step(run.step, last, run.make_save, force=force)
             if last:
                 break
             loss_f, lrm, dt = run.train_step()
@@ -432,6 +463,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
             dts.append(dt)
             first_step_of_run = run.step == start_step
             run.step += 1
+            run.ckpt.after_step(run.step)  # completes a background save whose shards all landed (non-blocking)
             run.collect_evals()  # asynchronous CORE results that are ready (non-blocking poll)
             run.sink.on_step(run.step, metrics)
             # The cyclic GC pauses for long scans of setup garbage; upstream freezes it after the first step.
@@ -445,6 +477,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
+    run.ckpt.close()  # the final checkpoint is complete (and announced) before the run reports its result
     run.collect_evals(wait=True)  # the final CORE (launched at the last step) is always reported
     if run.device_type == "cuda":
         print0(f"Peak memory usage: {torch.cuda.max_memory_allocated() / 1024 / 1024:.2f}MiB")
@@ -464,6 +497,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         "step_times": dts, "flops_per_token": plan.flops_per_token, "peak_flops": run.peak.value,
         "core_metrics": sorted(run.core_history),
         "core_metric": max(run.core_history)[1] if run.core_history else None,  # the latest step's
+        "save_stalls": run.ckpt.stalls, "saved_steps": run.ckpt.saver.saved_steps,
     }  # fmt: skip
     compute_cleanup()
     return result

@@ -68,6 +68,10 @@ class BaseTrainConfig:
     data: str = _f("parquet", "training data: parquet (base_data shards) | synthetic (seeded tokens, for tests)")
     seed: int = _f(42, "seed of the synthetic data stream (weights always use upstream's seed 42)")
     vocab_size: int = _f(-1, "synthetic data without a tokenizer: vocab size (-1 = take it from the tokenizer)")
+    save_every_minutes: float = _f(-1.0, "also save every M minutes, converted to steps from the measured step "
+                                         "time (-1 = off)")
+    keep_checkpoints: int = _f(2, "retention: keep this run's newest K checkpoints plus the final one (-1 = all)")
+    background_save: int = _f(1, "1: copy the state to host memory and write it in the background; 0: block")
 
     def __post_init__(self):
         self.validate()
@@ -93,6 +97,7 @@ class BaseTrainConfig:
             raise NanochatError(f"--warmdown-ratio must be in [0, 1] (got {self.warmdown_ratio})")
         if self.total_batch_size != -1 and self.total_batch_size < 1:
             raise NanochatError(f"--total-batch-size must be positive or -1 for auto (got {self.total_batch_size})")
+        check_checkpoint_flags(self.save_every_minutes, self.keep_checkpoints)
         if self.data not in ("parquet", "synthetic"):
             raise NanochatError(f"--data {self.data!r} is unknown: use parquet or synthetic")
         if self.total_batch_size > 0 and world_size is not None:
@@ -112,6 +117,14 @@ class BaseTrainConfig:
         if unknown:
             raise NanochatError(f"unknown BaseTrainConfig keys {sorted(unknown)}")
         return cls(**d)
+
+
+def check_checkpoint_flags(save_every_minutes: float, keep_checkpoints: int) -> None:
+    """The checkpoint flags shared by pretraining, SFT and RL."""
+    if save_every_minutes != -1 and not save_every_minutes > 0:
+        raise NanochatError(f"--save-every-minutes must be > 0, or -1 to disable (got {save_every_minutes})")
+    if keep_checkpoints != -1 and keep_checkpoints < 1:
+        raise NanochatError(f"--keep-checkpoints must be >= 1, or -1 to keep all (got {keep_checkpoints})")
 
 
 def check_batch_divisible(total_batch_size: int, device_batch_size: int, max_seq_len: int, world_size: int) -> int:

@@ -63,6 +63,28 @@ class TrainSink:
         """Extra keys for the checkpoint meta (e.g. which launcher run wrote it)."""
         return {}
 
+    def protected_steps(self) -> set:
+        """Checkpoint steps retention must not delete (rank 0): e.g. the one the launcher would resume from."""
+        return set()
+
+    # Preemption: with checks_preemption, the loop calls preemption_notice() on every rank at agreed steps (about
+    # every nanochat.checkpoint_saver.PREEMPTION_CHECK_S seconds); a notice makes it save a just-in-time checkpoint,
+    # wait until that checkpoint is complete and announced (on_checkpoint), then call hold_for_preemption().
+    checks_preemption = False
+
+    def preemption_notice(self) -> dict | None:
+        """None, or {"deadline_s": seconds left or None, "ranks": ranks about to go} when nodes are being drained."""
+        return None
+
+    def hold_for_preemption(self, step: int, notice: dict) -> None:
+        """After the just-in-time checkpoint of `step`: return to keep training, or wait to be torn down."""
+
+    def relaunch_eval(self, kind: str, step: int, checkpoint_dir: str, device, params: dict) -> bool:
+        """After a restart: launch again the asynchronous `kind` evaluation of `step` that the previous worker group
+        never reported, from that step's checkpoint. True if launched (its result arrives via finished_evals).
+        params: core {"max_per_task"}; chat {"cfg", "batch_size"}."""
+        return False
+
 
 # -----------------------------------------------------------------------------
 # Data: the library's loaders, and a seeded synthetic stream whose batches do not depend on the world size
