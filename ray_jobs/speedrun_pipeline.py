@@ -158,9 +158,13 @@ class Pipeline:
             if n < 1:
                 raise NanochatError("ray.num_workers=-1 means one worker per GPU, but the cluster has no GPUs; "
                                     "start GPU nodes or pass --num-workers N (CPU workers)")  # fmt: skip
-        kw = dict(num_workers=n, use_gpu=str(r["use_gpu"]), cpus_per_worker=float(r["cpus_per_worker"]),
-                  max_failures=int(r["max_failures"]), report_every=int(r["report_every"]), name=name,
-                  ray_data_actors=int(r.get("ray_data_actors", 0)))  # fmt: skip
+        lo = int(r.get("min_workers", -1))
+        min_workers = min(lo, n) if 0 < lo < n else -1  # elastic: continue on fewer workers after losing nodes
+        kw = dict(num_workers=n, min_workers=min_workers, use_gpu=str(r["use_gpu"]),
+                  cpus_per_worker=float(r["cpus_per_worker"]), max_failures=int(r["max_failures"]),
+                  max_preemption_failures=int(r.get("max_preemption_failures", -1)),
+                  report_every=int(r["report_every"]), name=name, ray_data_actors=int(r.get("ray_data_actors", 0)),
+                  narrow_elastic=True)  # fmt: skip
         known = {f.name for f in dataclasses.fields(tc.ClusterArgs)}
         return tc.ClusterArgs(**{k: v for k, v in kw.items() if k in known})
 
@@ -175,7 +179,8 @@ class Pipeline:
         worker = functools.partial(module.worker_fn, sink_cls=sink)
         loop_config = {"cfg": cfg.to_dict(), "run_name": run_name, "report_every": cluster.report_every,
                        "ray_data_actors": getattr(cluster, "ray_data_actors", 0)}  # fmt: skip
-        log(f"{stage}: Ray Train run {run_name!r}, {cluster.num_workers} worker(s), gpu={use_gpu}")
+        elastic = f" (elastic: down to {cluster.min_workers})" if cluster.min_workers > 0 else ""
+        log(f"{stage}: Ray Train run {run_name!r}, {cluster.num_workers} worker(s){elastic}, gpu={use_gpu}")
         return tc.run_trainer(worker, loop_config, cluster, use_gpu, run_name).metrics
 
     def base_train(self, depth: int | None = None, stage: str = "base_train") -> dict:
