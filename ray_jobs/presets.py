@@ -35,7 +35,9 @@ from nanochat.common import NanochatError
 
 SECTIONS = ("data", "tokenizer", "base_train", "base_eval", "chat_sft", "chat_eval", "chat_rl", "ray")
 GPU_SAVE_EVERY_MINUTES = 15.0  # a spot reclaim without notice loses at most this much work
-CPU_SAVE_EVERY_MINUTES = 1.0  # the CPU preset's ~7-minute pretraining: 7 saves, each off the loop in the background
+# the CPU preset's ~7-minute pretraining: ~7 saves off the loop; bench/bench_checkpoint.py: 0.06 s blocked per save
+# in the background (0.37 s synchronous), i.e. ~0.1% of the run
+CPU_SAVE_EVERY_MINUTES = 1.0
 _GPU_CKPT = {"save_every_minutes": GPU_SAVE_EVERY_MINUTES, "keep_checkpoints": 2}
 
 
@@ -95,12 +97,14 @@ def cpu() -> dict:
         tokenizer={"max_chars": 10_000_000, "vocab_size": 4096, "eval": True},
         base_train={"depth": 4, "head_dim": 64, "window_pattern": "L", "max_seq_len": 256, "device_batch_size": 16,
                     "total_batch_size": 4096, "num_iterations": 300, "eval_every": 50, "eval_tokens": 4096 * 8,
-                    "core_metric_every": -1, "sample_every": -1, "save_every": 50, "warmup_steps": 10,
-                    "time_budget_s": 420, "min_iterations": 60, "max_iterations": 1500},  # fmt: skip
+                    "core_metric_every": -1, "sample_every": -1, "save_every": -1, "warmup_steps": 10,
+                    "save_every_minutes": CPU_SAVE_EVERY_MINUTES, "time_budget_s": 420, "min_iterations": 60,
+                    "max_iterations": 1500},  # fmt: skip
         base_eval={"eval": "bpb,sample", "device_batch_size": 16, "split_tokens": 4096 * 8},
         chat_sft={"mixture": "offline", "offline_size": 20000, "device_batch_size": 16, "max_seq_len": 256,
                   "num_iterations": 150, "eval_every": -1, "eval_tokens": 4096 * 4, "chatcore_every": -1,
-                  "save_every": 50, "time_budget_s": 210, "min_iterations": 40, "max_iterations": 800},
+                  "save_every": -1, "save_every_minutes": CPU_SAVE_EVERY_MINUTES, "time_budget_s": 210,
+                  "min_iterations": 40, "max_iterations": 800},
         chat_eval={"tasks": "WordChoice|Arithmetic", "max_problems": 100, "max_new_tokens": 64, "batch_size": 16},
         ray=_ray(num_workers=1, report_every=10, eval_shards_per_task=2),
     )
