@@ -180,13 +180,17 @@ def test_drain_notice_gives_a_just_in_time_checkpoint_and_the_run_resumes_from_i
     state = held_at(gate, HOLD)
     assert len(state["nodes"]) == 2
     victim = node_of(c, state["nodes"][1])  # the node of rank 1 (rank 0 keeps running on its own node)
+    deadline = time.time() + 30
     drain(victim.node_id, deadline_s=30)
     ray.get(gate.release.remote(HOLD))
     ckpt = str(tmp_path / "base_checkpoints" / "drain")
     jit = wait_for(lambda: [s for s, m in metas(ckpt).items() if m.get("save_reason") == "preemption"], 120,
                    "a just-in-time checkpoint")[0]
     assert jit >= HOLD  # saved after the drain notice (issued while rank 0 was held at step HOLD)
-    c.remove_node(victim, allow_graceful=False)  # the reclaim itself
+    # the reclaim itself, at the deadline (as a spot reclaim: Ray restarts the group then, charged to the preemption
+    # budget, and records a node that dies after its drain deadline as preempted, one that dies earlier as failed)
+    time.sleep(max(0.0, deadline - time.time()) + 1)
+    c.remove_node(victim, allow_graceful=False)
     thread.join(timeout=START_S)
     assert not thread.is_alive(), "the run did not finish after the preemption"
     assert "error" not in out, out.get("error")  # max_failures=0: the restart was charged to the preemption budget
