@@ -412,10 +412,11 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
     x, y, st = next(train_loader)
     consumed_state = data_state
     for kind, at_step in (resume[2].get("pending_evals", []) if resume is not None else []):
-        # launched by the previous worker group and lost with it: again, from that step's checkpoint
+        # launched by the previous worker group and lost with it: again, from that step's checkpoint (the step we
+        # resume from is evaluated again by the loop anyway)
         from nanochat.checkpoint_manager import complete_steps
 
-        if kind == "chat" and at_step in complete_steps(out_dir) and sink.relaunch_eval(
+        if kind == "chat" and at_step != step and at_step in complete_steps(out_dir) and sink.relaunch_eval(
                 kind, at_step, out_dir, device, {"cfg": cfg, "batch_size": B}):
             pending.add((kind, at_step))
             print0(f"Step {at_step:05d} | chat evaluation relaunched after a restart")

@@ -269,8 +269,8 @@ class _Run:
         from nanochat.checkpoint_manager import complete_steps
 
         for kind, step in self.lost_evals:
-            if kind != "core":
-                continue
+            if kind != "core" or step == self.step:
+                continue  # an evaluation of the step we resume from runs again in the loop anyway
             if step in complete_steps(self.checkpoint_dir) and self.sink.relaunch_eval(
                     kind, step, self.checkpoint_dir, self.device, {"max_per_task": self.cfg.core_metric_max_per_task}):
                 print0(f"Step {step:05d} | CORE evaluation relaunched after a restart")
