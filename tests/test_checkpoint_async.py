@@ -117,3 +117,18 @@ def test_sigkill_during_a_background_upload_leaves_a_complete_newest_checkpoint(
     out = train(cfg(model_tag="killed", keep_checkpoints=1, resume_from_step=4, **small))
     assert out["start_step"] == 4 and out["step"] == 10
     assert complete_steps(ckpt) == [8, 10] and sorted(steps_on_storage(ckpt)) == [8, 10]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])  # fmt: skip
+def test_snapshot_is_a_host_copy_that_training_cannot_change(device):
+    from nanochat.checkpoint_saver import snapshot
+
+    state = {"w": torch.arange(6.0, device=device).view(2, 3), "groups": [{"lr": 0.1, "params": [0]}], "step": 3}
+    snap = snapshot(state)
+    state["w"].add_(100)  # the loop keeps training in place
+    state["groups"][0]["lr"] = 0.05  # and changes param_groups' learning rates
+    assert snap["w"].device.type == "cpu" and torch.equal(snap["w"], torch.arange(6.0).view(2, 3))
+    assert snap["groups"][0]["lr"] == 0.1 and snap["step"] == 3
+    if device == "cuda":
+        assert snap["w"].is_pinned()  # copied asynchronously into pinned memory, synchronized before returning
