@@ -24,6 +24,7 @@ PREEMPTION_CHECK_S seconds of steps; a collective on Ray).
 import concurrent.futures
 import json
 import logging
+import os
 import time
 
 import torch
@@ -35,7 +36,8 @@ from nanochat.common import NanochatError, is_ddp_initialized, print0
 logger = logging.getLogger(__name__)
 
 CALIBRATION_STEPS = 3  # steps of wall time measured before the first time-based interval (skips none: see below)
-PREEMPTION_CHECK_S = 5.0  # ask about a preemption about this often (Ray's drain watcher polls every 5 s)
+# ask about a preemption about this often (Ray's drain watcher polls every 5 s); tests set 0: every step
+PREEMPTION_CHECK_S = float(os.environ.get("NANOCHAT_PREEMPTION_CHECK_S", 5.0))
 
 
 # -----------------------------------------------------------------------------
@@ -101,6 +103,8 @@ class SaveSchedule:
         self.save_every, self.minutes, self.rank = save_every, save_every_minutes, rank
         self.start_step = self.last_save = start_step
         self.interval = None  # steps per --save-every-minutes, once measured
+        self.write_steps = 0  # steps the last background save took to complete: started that much earlier, so the
+        # work a hard crash can lose (steps since the last COMPLETE checkpoint) stays within one interval
         self.check_every = 1  # steps between preemption checks (every step until measured)
         self.mark = (start_step, time.time())  # (step, rank 0's clock) of the last measurement
 
@@ -128,7 +132,7 @@ class SaveSchedule:
             return None  # the resume point is saved already
         if self.save_every > 0 and step % self.save_every == 0:
             return "steps"
-        if self.interval is not None and step - self.last_save >= self.interval:
+        if self.interval is not None and step - self.last_save >= max(1, self.interval - self.write_steps):
             return "minutes"
         return None
 
@@ -304,7 +308,10 @@ class Checkpointing:
 
     def after_step(self, step: int) -> None:
         self.schedule.after_step(step)
+        done_before = len(self.saver.saved_steps)
         self.saver.poll()
+        if len(self.saver.saved_steps) > done_before:  # a background save completed at this step
+            self.schedule.write_steps = step - (self.saver.saved_steps[-1] - self.step_offset)
 
     def close(self) -> None:
         self.saver.close()
