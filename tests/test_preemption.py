@@ -118,7 +118,11 @@ def cfg(**kw) -> BaseTrainConfig:
 
 def start(c: BaseTrainConfig, name: str, base, hold_steps, **cluster_kw):
     """fit() in a thread; returns (thread, out dict, gate, metrics file)."""
-    gate = Gate.remote(hold_steps)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on the head node (the driver's), which the test never removes: a gate on a removed node would die with it
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    gate = Gate.options(scheduling_strategy=here).remote(hold_steps)
     metrics_file = str(base / f"{name}.jsonl")
     args = tc.ClusterArgs(num_workers=2, min_workers=1, cpus_per_worker=1, storage=str(base / "ray_runs"),
                           report_every=1, **cluster_kw)  # fmt: skip
@@ -196,9 +200,10 @@ def test_drain_notice_gives_a_just_in_time_checkpoint_and_the_run_resumes_from_i
     assert "error" not in out, out.get("error")  # max_failures=0: the restart was charged to the preemption budget
     m = out["result"].metrics
     assert m["step"] == 30 and m["start_step"] == jit and m["world_size"] == 1
-    recs = run_metrics.read_metrics(metrics_file)
-    (intr,) = [r for r in recs if r["kind"] == "interruption"]
-    assert intr["cause"] == "preemption" and intr["resumed_from"] == jit and intr["steps_lost"] <= 1, intr
+    intr = [r for r in run_metrics.read_metrics(metrics_file) if r["kind"] == "interruption"]
+    assert intr and intr[0]["cause"] == "preemption", intr
+    # (Ray may first restart on both nodes at the deadline, before the drained node is gone: then once more)
+    assert all(r["resumed_from"] == jit and r["steps_lost"] <= 1 for r in intr), intr
     c.add_node(num_cpus=1)  # back to two nodes for the next test
     c.wait_for_nodes()
 
