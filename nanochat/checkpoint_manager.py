@@ -148,12 +148,74 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
 
 
 # -----------------------------------------------------------------------------
+# Retention: delete old steps, newest first never
+
+
+_STEP_FILE = re.compile(r"(?:model|meta|optim)_(\d+)(?:_rank\d+)?\.(?:pt|json)")
+
+
+def steps_on_storage(checkpoint_dir, names=None):
+    """{step: [file names]} of every checkpoint file in checkpoint_dir (complete or not)."""
+    out = {}
+    for name in storage.listdir(checkpoint_dir) if names is None else names:
+        m = _STEP_FILE.fullmatch(name)
+        if m:
+            out.setdefault(int(m.group(1)), []).append(name)
+    return out
+
+
+def delete_checkpoint(checkpoint_dir, step, names=None):
+    """Delete every file of one step: meta FIRST, so a crash mid-delete leaves an incomplete (ignored) step, never
+    a meta that points at missing shards; then the model and every rank's optimizer shard."""
+    names = steps_on_storage(checkpoint_dir, names).get(step, [])
+    meta_name = os.path.basename(meta_path(checkpoint_dir, step))
+    for name in sorted(names, key=lambda n: n != meta_name):  # meta first
+        storage.remove(storage.join(checkpoint_dir, name))
+    return names
+
+
+def _launcher(checkpoint_dir, step):
+    """The `launcher` entry of a step's meta (None for single-process runs), or "?" when the meta is unreadable."""
+    try:
+        return json.loads(storage.read_bytes(meta_path(checkpoint_dir, step))).get("launcher")
+    except (OSError, ValueError, NanochatError):
+        return "?"
+
+
+def prune_checkpoints(checkpoint_dir, keep, final=None, protect=(), launcher=None):
+    """Retention: keep the `keep` newest complete steps written by `launcher` (the meta's "launcher" entry: which
+    run wrote them; None = single-process runs), plus `final` and every step in `protect`; delete the rest of that
+    run's steps, and incomplete leftovers (a killed save) older than the oldest step kept. Steps of other runs are
+    left alone. keep < 1 keeps everything. Returns the deleted steps."""
+    if keep is None or keep < 1:
+        return []
+    names = storage.listdir(checkpoint_dir)
+    by_step = steps_on_storage(checkpoint_dir, names)
+    complete = set(complete_steps_from_names(names))
+    ours = sorted(s for s in complete if s != final and _launcher(checkpoint_dir, s) == launcher)
+    kept = set(ours[-keep:]) | set(protect) | ({final} if final is not None else set())
+    oldest_kept = min(kept & complete, default=None)
+    doomed = [s for s in ours if s not in kept]
+    if oldest_kept is not None:  # files of a save that never completed (no meta) and is older than what we keep
+        doomed += [s for s in by_step if s not in complete and s < oldest_kept and s not in kept]
+    for s in sorted(doomed):
+        delete_checkpoint(checkpoint_dir, s, names)
+        logger.info(f"Retention: deleted checkpoint step {s} in {checkpoint_dir}")
+    return sorted(doomed)
+
+
+# -----------------------------------------------------------------------------
 # Finding checkpoints
 
 
 def complete_steps(checkpoint_dir):
     """Sorted steps in checkpoint_dir whose model and meta files both exist."""
-    names = set(storage.listdir(checkpoint_dir))
+    return complete_steps_from_names(storage.listdir(checkpoint_dir))
+
+
+def complete_steps_from_names(names):
+    """complete_steps of a directory listing."""
+    names = set(names)
     steps = []
     for name in names:
         m = re.fullmatch(r"model_(\d+)\.pt", name)

@@ -35,8 +35,8 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
         from nanochat.tokenizer import get_tokenizer
 
         vocab_size = get_tokenizer().get_vocab_size()
-    for world in tc.world_sizes(cluster):  # batch divisibility for every world size the run may take
-        plan_for(cfg, vocab_size, world)
+    # batch divisibility for every world size the run may take
+    tc.check_world_sizes(cluster, lambda world: plan_for(cfg, vocab_size, world))
     from nanochat.common import get_base_dir
 
     tc.check_storage(get_base_dir(), *([cluster.storage or tc.default_storage()] if cluster.num_workers else []))

@@ -27,8 +27,7 @@ def parse_args(argv=None) -> tuple[RLConfig, tc.ClusterArgs]:
 def prepare(cfg: RLConfig, cluster: tc.ClusterArgs) -> tuple[RLConfig, bool, str]:
     """Validate everything that can be checked before Ray starts. Returns (cfg for the workers, use_gpu, run name)."""
     tc.validate_cluster(cluster)
-    for world in tc.world_sizes(cluster):
-        cfg.validate(world)
+    tc.check_world_sizes(cluster, cfg.validate)
     use_gpu = tc.resolve_use_gpu(cluster, cfg.device_type) if cluster.num_workers > 0 else False
     cluster.ray_data_actors = 0  # RL samples from the task, not the pretraining shards: no tokenizer actors
     if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:

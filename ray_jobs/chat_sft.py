@@ -39,9 +39,8 @@ def prepare(cfg: SFTConfig, cluster: tc.ClusterArgs) -> tuple[SFTConfig, bool, s
                 for name, fallback, where in INHERITED if where == "meta"}
     from nanochat.train import check_batch_divisible
 
-    for world in tc.world_sizes(cluster):
-        check_batch_divisible(resolved["total_batch_size"], resolved["device_batch_size"], resolved["max_seq_len"],
-                              world)
+    tc.check_world_sizes(cluster, lambda world: check_batch_divisible(
+        resolved["total_batch_size"], resolved["device_batch_size"], resolved["max_seq_len"], world))
     tc.check_storage(get_base_dir(), *([cluster.storage or tc.default_storage()] if cluster.num_workers else []))
     tag = cfg.model_tag or checkpoint_dir.rstrip("/").split("/")[-1]
     return cfg, use_gpu, cluster.name or f"chat_sft-{tag}"
