@@ -69,7 +69,6 @@ print(json.dumps({"loaded": module is not None, "reason": reason, "seconds": tim
 
 
 def run_lookup(tmp_path, **env):
-    pytest.importorskip("kernels")
     full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
     full.update(HF_HOME=str(tmp_path / "hf"), PYTHONPATH=ROOT, **env)
     out = subprocess.run([sys.executable, "-c", LOOKUP, fa3.HOPPER_REPO], env=full, capture_output=True, text=True,
