@@ -3,6 +3,8 @@ Training throughput of the model on CPU: forward + backward + MuonAdamW step, ou
 
     python bench/bench_model.py                               # ours only
     python bench/bench_model.py --upstream /tmp/upstream      # ours and upstream (an unpacked nanochat@92d63d4)
+    python bench/bench_model.py --upstream UP --upstream-compile --threads 2 --head-dim 64 --window-pattern L \
+        --vocab 2048 --batch-size 4     # each side's default: ours eager, upstream compiled (issue #12 item 5)
 
 Default shape: depth 4 (dim 256, 2 heads of 128), T=512, vocab 4096, window pattern SSSL, batch 2, fp32, eager.
 Both implementations are loaded into this one process (upstream's `nanochat` package is imported after ours has
@@ -39,6 +41,11 @@ def load_gpt_module(root):
     return gpt
 
 
+def package_modules() -> dict:
+    """The `nanochat` package's modules now in sys.modules (to put one implementation's back later)."""
+    return {n: m for n, m in sys.modules.items() if n == "nanochat" or n.startswith("nanochat.")}
+
+
 def cpu_time_peak_flops(n=1024, cpu_seconds=0.5):
     """fp32 matmul FLOPs per CPU-second of this process (same matmul as nanochat.common.cpu_peak_flops, but timed
     with process_time, so it is the right denominator for tokens per CPU-second)."""
@@ -53,12 +60,13 @@ def cpu_time_peak_flops(n=1024, cpu_seconds=0.5):
     return 2 * n**3 * calls / (time.process_time() - start)
 
 
-def build(gpt, args):
+def build(gpt, args, compile: bool):
     import torch
 
-    dim = -(-args.depth * 64 // 128) * 128  # base_train's sizing rule: aspect ratio 64, head_dim 128
+    hd = args.head_dim
+    dim = -(-args.depth * 64 // hd) * hd  # base_train's sizing rule: aspect ratio 64, rounded up to head_dim
     config = gpt.GPTConfig(sequence_len=args.seq_len, vocab_size=args.vocab, n_layer=args.depth,
-                           n_head=dim // 128, n_kv_head=dim // 128, n_embd=dim, window_pattern=args.window_pattern)
+                           n_head=dim // hd, n_kv_head=dim // hd, n_embd=dim, window_pattern=args.window_pattern)
     with torch.device("meta"):
         model = gpt.GPT(config)
     model.to_empty(device="cpu")
@@ -66,7 +74,7 @@ def build(gpt, args):
     model.init_weights()
     optimizer = model.setup_optimizer()
     flops = model.estimate_flops()
-    if args.compile:
+    if compile:
         model = torch.compile(model, dynamic=False)
     return model, optimizer, flops
 
@@ -78,12 +86,16 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--window-pattern", default="SSSL")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: per-CPU-second numbers stay meaningful on a shared box)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (slow to warm up on CPU)")
+    parser.add_argument("--upstream-compile", action="store_true",
+                        help="torch.compile upstream's model only: each side's base_train default on CPU for short "
+                             "runs (ours eager, upstream compiled)")
     parser.add_argument("--optim-compile", action="store_true",
                         help="torch.compile our MuonAdamW kernels too (NANOCHAT_OPTIM_COMPILE=1; upstream always does)")
     args = parser.parse_args()
@@ -99,7 +111,10 @@ def main():
     roots = {"ours": REPO}
     if args.upstream:
         roots["upstream"] = os.path.abspath(args.upstream)
-    modules = {name: load_gpt_module(root) for name, root in roots.items()}
+    modules, packages = {}, {}
+    for name, root in roots.items():
+        modules[name] = load_gpt_module(root)
+        packages[name] = package_modules()
     load_gpt_module(REPO)  # leave our package as `nanochat` for the rest of the process
     from nanochat.common import cpu_peak_flops
 
@@ -108,10 +123,12 @@ def main():
     y = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g)
     runs = {}
     for name, gpt in modules.items():
-        model, optimizer, flops = build(gpt, args)
-        runs[name] = dict(model=model, opt=optimizer, flops=flops, times=[], cpu_times=[], phases=[], losses=[])
+        model, optimizer, flops = build(gpt, args, args.compile or (args.upstream_compile and name == "upstream"))
+        runs[name] = dict(model=model, opt=optimizer, flops=flops, times=[], cpu_times=[], phases=[], losses=[],
+                          package=packages[name])
 
     def step(run):
+        sys.modules.update(run["package"])  # torch.compile looks modules up by name while it traces
         t0, c0 = time.perf_counter(), time.process_time()
         loss = run["model"](x, y)
         loss.backward()
@@ -136,13 +153,15 @@ def main():
     tokens = args.batch_size * args.seq_len
     median = lambda v: sorted(v)[len(v) // 2]
     print(f"depth {args.depth}, T {args.seq_len}, vocab {args.vocab}, batch {args.batch_size}, windows "
-          f"{args.window_pattern}, {args.threads} threads, fp32, {'compiled' if args.compile else 'eager'}; "
+          f"{args.window_pattern}, head dim {args.head_dim}, {args.threads} threads, fp32, "
+          f"{'compiled' if args.compile else 'upstream compiled, ours eager' if args.upstream_compile else 'eager'}; "
           f"fp32 matmul peak {peak_cpu / 1e9:.1f} GFLOP per CPU-second ({peak / 1e9:.1f} GFLOP/s wall)")
     print(f"{'impl':<10} {'best ms':>8} {'median ms':>10} {'cpu ms':>8} {'fwd+bwd':>8} {'optim':>6} {'tok/s':>7} "
           f"{'tok/cpu-s':>10} {'MFU %':>6} {'wall MFU %':>11} {'warmup s':>9} {'last loss':>10}")
     result = {"bench": "model_train_cpu", "depth": args.depth, "seq_len": args.seq_len, "vocab": args.vocab,
               "batch_size": args.batch_size, "window_pattern": args.window_pattern, "threads": args.threads,
-              "compile": args.compile, "optim_compile": args.optim_compile, "steps": args.steps, "cpu_peak_flops": round(peak),
+              "compile": args.compile, "upstream_compile": args.upstream_compile, "head_dim": args.head_dim,
+              "optim_compile": args.optim_compile, "steps": args.steps, "cpu_peak_flops": round(peak),
               "cpu_time_peak_flops": round(peak_cpu)}
     for name, run in runs.items():
         best, med, cpu = min(run["times"]), median(run["times"]), median(run["cpu_times"])

@@ -6,6 +6,7 @@ workers, plus Ray's start-up time to the first step, and optionally upstream nan
     python -m bench.bench_train --upstream /tmp/upstream         # also run upstream scripts.base_train (its checkout)
     python -m bench.bench_train --steps 30 --depth 4 --seq 256
     python -m bench.bench_train --upstream UP --compile -1 --depth 4 --seq 512   # our default path vs upstream's
+    python -m bench.bench_train --upstream UP --paths --rounds 3 --depth 4 --seq 512 --batch 4   # see below
 
 Every row uses the same --compile setting (default 1: torch.compile, as upstream's base_train always does, so
 (a) and upstream run the same config); `in_process_eager` adds our CPU default (no compile) for reference.
@@ -15,6 +16,15 @@ other processes on a shared machine). CPU MFU is against the measured fp32 matmu
 process (nanochat.common.cpu_peak_flops), so it is as noisy as the machine. Every run uses --threads torch threads
 per process (default 1: on a shared machine OpenMP threads that spin-wait for busy cores are several times slower
 than one thread), so (b) equals (a)'s resources and (c) uses twice the cores.
+
+--paths compares the command lines a user runs, each a fresh process with default threads (no --threads): ours
+`python -m ray_jobs.base_train` with default workers and --compile default (-1, auto), --compile 1 and --compile 0,
+and upstream `python -m scripts.base_train`, same flags. The four rows run one after another, --rounds times, in a
+rotated order each round (a load burst on a shared machine then hits every row alike), each compiled row with an
+empty inductor cache (a first run's cost; --warm-cache keeps one cache per row across rounds). Per run: steady tok/s
+(median step time of the steps from 5 on) and wall time from the process start to the line of its last step
+(compilation, Ray start-up and data set-up included). Ratios vs upstream are taken within each round; the table
+shows their median and range.
 Prints a table, then a JSON object as the last line.
 """
 
@@ -24,10 +34,16 @@ import io
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_ENV = dict(os.environ)  # before importing ray_jobs (which sets our OpenMP default): upstream runs without it
+STEP_LINE = re.compile(r"step (\d+)/(\d+) .*?dt: ([\d.]+)ms")
 
 
 def prepare_base_dir(base_dir: str) -> None:
@@ -91,15 +107,113 @@ def run_upstream(args, upstream: str) -> dict:
            f"--total-batch-size={args.total}", f"--num-iterations={args.steps}", "--eval-every=-1",
            "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--warmup-steps=5",
            "--model-tag=bench_upstream"]
-    env = {**os.environ, "PYTHONPATH": upstream, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**USER_ENV, "PYTHONPATH": upstream, "OMP_NUM_THREADS": str(args.threads), "NANOCHAT_BASE_DIR": args.base_dir,
+           "NANOCHAT_DTYPE": os.environ["NANOCHAT_DTYPE"]}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=upstream, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.time() - t0
-    dts = [float(m.group(2)) / 1000 for m in re.finditer(r"step (\d+)/\d+ .*?dt: ([\d.]+)ms", proc.stdout)
-           if int(m.group(1)) >= 2]
+    dts = [float(m.group(3)) / 1000 for m in STEP_LINE.finditer(proc.stdout) if int(m.group(1)) >= 2]
     if proc.returncode != 0 or not dts:
         return {"error": (proc.stderr or proc.stdout)[-500:]}
     return {"tok_per_sec": args.total / statistics.median(dts), "wall_s": wall}
+
+
+# -----------------------------------------------------------------------------
+# --paths: the command lines users run, side by side
+
+PATHS = {  # row -> (upstream?, extra flags)
+    "ours_default": (False, []),
+    "ours_compiled": (False, ["--compile=1"]),
+    "ours_eager": (False, ["--compile=0"]),
+    "upstream_default": (True, []),
+}
+
+
+def path_flags(args) -> list[str]:
+    """The flags both base_train scripts take (upstream's names), as in the issue's comparison."""
+    return [f"--depth={args.depth}", "--aspect-ratio=64", "--head-dim=64", f"--max-seq-len={args.seq}",
+            "--window-pattern=L", f"--device-batch-size={args.batch}", f"--total-batch-size={args.total}",
+            f"--num-iterations={args.steps}", "--eval-every=-1", "--core-metric-every=-1", "--sample-every=-1",
+            "--warmup-steps=5"]
+
+
+def run_path(args, row: str, tag: str, cache_dir: str) -> dict:
+    """One fresh process of `row`; steady tok/s and the wall time from its start to its last step line."""
+    upstream, extra = PATHS[row]
+    module = "scripts.base_train" if upstream else "ray_jobs.base_train"
+    cmd = [sys.executable, "-m", module, *path_flags(args), f"--model-tag={tag}", *extra]
+    if not upstream:
+        cmd.append(f"--name={tag}")  # a fresh Ray run (the same name would resume the previous round's run)
+    env = {k: v for k, v in USER_ENV.items() if k != "OMP_NUM_THREADS"}  # default threads, as a user gets
+    env.update(PYTHONPATH=args.upstream if upstream else REPO, PYTHONUNBUFFERED="1", NANOCHAT_BASE_DIR=args.base_dir,
+               TORCHINDUCTOR_CACHE_DIR=cache_dir)  # a Ray worker inherits it from its local raylet
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=args.upstream if upstream else REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    steps, tail = [], []  # (step, dt seconds, seconds since start)
+    for line in proc.stdout:
+        tail = (tail + [line])[-20:]
+        m = STEP_LINE.search(line)
+        if m:
+            steps.append((int(m.group(1)), float(m.group(3)) / 1000, time.time() - t0))
+    proc.wait()
+    wall = time.time() - t0
+    for d in (os.path.join(args.base_dir, "base_checkpoints", tag), os.path.join(args.base_dir, "ray_runs", tag)):
+        shutil.rmtree(d, ignore_errors=True)
+    dts = [dt for step, dt, _ in steps if step >= 5]
+    if proc.returncode != 0 or len(steps) != args.steps or not dts:
+        return {"error": f"rc {proc.returncode}, {len(steps)} step lines: " + "".join(tail)[-1500:]}
+    return {"tok_per_sec": args.total / statistics.median(dts), "wall_to_last_step_s": steps[-1][2],
+            "first_step_s": steps[0][2], "process_wall_s": wall}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]" if values else "-"
+
+
+def main_paths(args) -> None:
+    if not args.upstream:
+        raise SystemExit("--paths compares with upstream: pass --upstream PATH")
+    rows = list(PATHS)
+    runs = {row: [] for row in rows}
+    caches = {row: tempfile.mkdtemp(prefix=f"inductor-{row}-") for row in rows}
+    stamp = int(time.time())
+    for r in range(args.rounds):
+        for row in rows[r % len(rows):] + rows[:r % len(rows)]:
+            if not args.warm_cache:
+                shutil.rmtree(caches[row], ignore_errors=True)
+            res = run_path(args, row, f"bench_paths_{row}_{stamp}_{r}", caches[row])
+            res["round"] = r
+            runs[row].append(res)
+            print(f"round {r} {row}: " + (res["error"][-300:] if "error" in res else
+                  f"{res['tok_per_sec']:.0f} tok/s, last step at {res['wall_to_last_step_s']:.1f} s"), flush=True)
+    for c in caches.values():
+        shutil.rmtree(c, ignore_errors=True)
+    up = {res["round"]: res for res in runs["upstream_default"] if "error" not in res}
+    summary = {}
+    print(f"config: depth {args.depth}, T {args.seq}, B {args.batch}, total batch {args.total} tokens, "
+          f"{args.steps} steps, default threads, {os.cpu_count()} CPUs, {args.rounds} rounds, "
+          f"{'warm' if args.warm_cache else 'cold'} inductor cache")
+    print(f"{'run':<18}{'tok/s median [range]':>26}{'last step s':>22}{'tok/s vs upstream':>22}"
+          f"{'wall: upstream/ours':>22}")
+    for row in rows:
+        ok = [res for res in runs[row] if "error" not in res]
+        tps = [res["tok_per_sec"] for res in ok]
+        walls = [res["wall_to_last_step_s"] for res in ok]
+        r_tok = [res["tok_per_sec"] / up[res["round"]]["tok_per_sec"] for res in ok if res["round"] in up]
+        r_wall = [up[res["round"]]["wall_to_last_step_s"] / res["wall_to_last_step_s"] for res in ok
+                  if res["round"] in up]
+        summary[row] = {"tok_per_sec": tps, "wall_to_last_step_s": walls, "tok_vs_upstream": r_tok,
+                        "wall_upstream_over_ours": r_wall, "runs": runs[row]}
+        tok_col = f"{statistics.median(tps):.0f} [{min(tps):.0f}-{max(tps):.0f}]" if tps else "error"
+        wall_col = f"{statistics.median(walls):.1f} [{min(walls):.1f}-{max(walls):.1f}]" if walls else "-"
+        print(f"{row:<18}{tok_col:>26}{wall_col:>22}{spread(r_tok):>22}{spread(r_wall):>22}")
+    print(json.dumps({"config": vars(args), "rows": summary,
+                      "default_tok_vs_upstream_median": statistics.median(summary["ours_default"]["tok_vs_upstream"])
+                      if summary["ours_default"]["tok_vs_upstream"] else None,
+                      "default_wall_upstream_over_ours_median":
+                      statistics.median(summary["ours_default"]["wall_upstream_over_ours"])
+                      if summary["ours_default"]["wall_upstream_over_ours"] else None}))
 
 
 def main(argv=None):
@@ -115,8 +229,14 @@ def main(argv=None):
     p.add_argument("--compile", type=int, default=1, choices=[-1, 0, 1],
                    help="torch.compile the model in rows (a)-(c) (upstream: always); -1 = our default (auto), so "
                         "row (b) is `python -m ray_jobs.base_train` with default workers")
+    p.add_argument("--paths", action="store_true", help="the user command lines side by side (see above)")
+    p.add_argument("--rounds", type=int, default=3, help="--paths: rounds of the four rows")
+    p.add_argument("--warm-cache", action="store_true", help="--paths: keep each row's inductor cache across rounds")
     args = p.parse_args(argv)
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+    if args.paths:
+        prepare_base_dir(args.base_dir)
+        return main_paths(args)
     from nanochat.common import NanochatError
     from nanochat.train import check_batch_divisible
 

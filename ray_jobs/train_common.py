@@ -38,7 +38,8 @@ from nanochat.common import NanochatError, apply_gpu_env_defaults, get_base_dir,
 from nanochat.train import TrainSink
 
 # Environment forwarded to the Ray job and its workers: storage credentials/endpoint, nanochat and wandb settings.
-FORWARD_ENV_PREFIXES = ("AWS_", "NANOCHAT_", "WANDB_", "HF_", "OMP_NUM_THREADS", "PYTORCH_")
+FORWARD_ENV_PREFIXES = ("AWS_", "NANOCHAT_", "WANDB_", "HF_", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                        "PYTORCH_")
 # Ray 2.60's Train V2 patches print() in workers to log through the root logger, and also prints to sys.stdout
 # when that is not sys.__stdout__ (always so in a Ray worker): every line reached the driver twice, from the
 # worker's .out and .err. Workers print plainly; Ray's log monitor still forwards and stores every line once.

@@ -3,7 +3,8 @@
 Upstream's CUDA allocator setting (PYTORCH_ALLOC_CONF=expandable_segments:True) in our GPU processes unless the user
 chose a value. The `gpu` test checks that the allocator really uses expandable segments when an entry point applies
 the default after torch was imported (as `python -m ray_jobs.base_train` does), and that a user's value wins.
-Ray Train workers: tests/test_cluster_gpus.py. Also the auto choice of torch.compile (CUDA; long CPU runs).
+Ray Train workers: tests/test_cluster_gpus.py. Also the auto choice of torch.compile (CUDA; long CPU runs), and the
+short OpenMP spin of CPU runs (idle threads between ops sleep instead of holding a core).
 """
 
 import os
@@ -62,3 +63,50 @@ def test_compile_choice(monkeypatch):
     assert common.compile_choice(-1, "cpu", 3600)[0] is True
     monkeypatch.setattr(common, "have_cpp_compiler", lambda: False)
     assert common.compile_choice(-1, "cpu", 3600) == (False, "auto: no C++ compiler for inductor on CPU")
+
+
+# -----------------------------------------------------------------------------
+# OpenMP threads of CPU runs wait briefly, then sleep (ray_jobs/__init__.py)
+
+IDLE_PROBE = """
+import os, sys, time
+{imports}
+import torch
+torch.set_num_threads(2)
+x = torch.randn(1 << 20)
+burned = 0.0
+for _ in range(100):  # an op on both OpenMP threads, then 5 ms in which the process has nothing to compute
+    x.mul_(1.0)
+    c = time.process_time()
+    time.sleep(0.005)
+    burned += time.process_time() - c
+print(os.environ.get("GOMP_SPINCOUNT"), burned)
+"""
+
+
+def idle_cpu_seconds(imports: str, **env_overrides) -> tuple[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(PYTHONPATH=ROOT, **env_overrides)
+    out = subprocess.run([sys.executable, "-c", IDLE_PROBE.format(imports=imports)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spincount, burned = out.stdout.split()
+    return spincount, float(burned)
+
+
+def test_entry_points_keep_idle_openmp_threads_off_the_cpu(monkeypatch):
+    # Entry points import ray_jobs before torch: a thread between two ops spins ~30 us, not ~10 ms, so the 500 ms
+    # of sleeps cost well under 50 ms of CPU (libgomp's default spin burns up to the whole 500 ms on a free core).
+    spincount, burned = idle_cpu_seconds("import ray_jobs.base_train")
+    assert spincount == "1000" and burned < 0.05, burned
+    from ray_jobs import train_common
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    forwarded = train_common.forwarded_env()  # Ray workers (and a remote cluster's) get the driver's setting
+    assert forwarded["GOMP_SPINCOUNT"] == "1000" and forwarded["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_user_openmp_wait_setting_wins():
+    assert idle_cpu_seconds("import ray_jobs", OMP_WAIT_POLICY="ACTIVE")[0] == "None"
+    assert idle_cpu_seconds("import ray_jobs", GOMP_SPINCOUNT="5")[0] == "5"
