@@ -14,7 +14,7 @@ For the training loop (non-blocking CORE / ChatCORE; call from the driver or fro
     # SFT: launch_chatcore_async(ModelRef.from_model(m), max_cat=-1, max_sample=24).result()
     #      -> {"results": {task: acc}, "chatcore": x, "chatcore_cat": y}
     # SFT --mixture offline: launch_offline_chat_async(ref, size, max_cat, max_sample) -> {"results": {task: acc}}
-    # (ray_jobs/train_common.RaySink does all of this for base_train / chat_sft)
+    # (ray_jobs/ray_sink.RaySink does all of this for base_train / chat_sft)
     # resources per eval task: gpus_per_worker=1 on a GPU cluster (default 0), cpus_per_worker=1.
 
 Work units:
