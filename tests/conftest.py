@@ -6,6 +6,7 @@ Run everything: python -m pytest -q          Fast lane: python -m pytest -q -m "
 import os
 
 import pytest
+import torch
 
 # Environment defaults for every test process (and the Ray workers they start, which inherit the environment).
 os.environ.setdefault("WANDB_MODE", "offline")  # real wandb, no account, no network
@@ -24,3 +25,22 @@ def base_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: OpenMP threads spin while they wait, and on a shared 2-core
+    machine one thread is several times faster. Modules opt in with pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server (moto) on loopback, one per test module."""
+    from tests.s3server import S3Server
+
+    with S3Server() as server:
+        yield server

@@ -22,16 +22,10 @@ import torch
 from nanochat import checkpoint_manager as cm
 from nanochat import storage
 from nanochat.common import NanochatError
-from tests.s3server import S3Server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "upstream_checkpoint")
 
-
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -20,23 +20,12 @@ import torch
 from nanochat import storage
 from nanochat.checkpoint_manager import complete_steps, find_last_step, load_checkpoint, steps_on_storage
 from nanochat.train import BaseTrainConfig, train
-from tests.s3server import S3Server
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
 
 
 def cfg(**kw):

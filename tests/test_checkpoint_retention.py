@@ -11,7 +11,6 @@ checkpoint loadable.
 import json
 
 import pytest
-import torch
 
 from nanochat import storage
 from nanochat.checkpoint_manager import (
@@ -24,21 +23,10 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import NanochatError
 from nanochat.train import BaseTrainConfig, train
-from tests.s3server import S3Server
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # fastest on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
 
 
 def tiny_cfg(**kw):

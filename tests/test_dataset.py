@@ -136,13 +136,6 @@ def test_concurrent_runs_fetch_each_shard_once(base_dir, served):
 # S3 (moto server)
 
 
-@pytest.fixture(scope="module")
-def s3():
-    from tests.s3server import S3Server
-
-    with S3Server() as server:
-        yield server
-
 
 def test_s3_source(base_dir, s3, monkeypatch, tmp_path):
     s3.apply_env(monkeypatch)

@@ -15,6 +15,8 @@ import torch
 from nanochat.engine import Engine, KVCache, sample_next_token, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("engine_fakes", os.path.join(ROOT, "dev", "make_upstream_fixtures_engine.py"))
 fakes = importlib.util.module_from_spec(_spec)
@@ -26,14 +28,6 @@ with open(os.path.join(ROOT, "tests", "fixtures", "upstream_engine.json")) as _f
 TOK = fakes.ByteChatTokenizer()
 END, BOS = TOK.encode_special("<|assistant_end|>"), TOK.get_bos_token_id()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (10x slower on a busy 2-core machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,6 @@ from tests.s3server import S3Server
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        yield server
-
 
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path, monkeypatch):

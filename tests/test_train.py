@@ -25,18 +25,12 @@ from nanochat.train import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # Scaling params (transformer matrices incl. ve_gates + lm_head) at vocab 32768, computed by hand from the shapes:
 # per layer 12*C^2, plus ceil(n/2) value-embedding gates of n_head x 12, plus lm_head C x 32768.
 SCALING = {12: 110_100_912, 20: 435_160_240, 24: 729_810_624, 26: 918_423_532}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # torch's OpenMP threads spin while waiting; on a shared 2-core machine one thread is several times faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_cfg(**kw):

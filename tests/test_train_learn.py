@@ -25,7 +25,7 @@ import torch
 from nanochat.sft import SFTConfig, sft, sft_batches
 from nanochat.train import BaseTrainConfig, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 LR_X = 8  # the LR scaling rule shrinks LRs by sqrt(1024 / 2**19) at this tiny batch; give them back for a short run
 
@@ -46,14 +46,6 @@ def sample_base(tmp_path_factory, one_thread):
     yield base
     mp.undo()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # torch's OpenMP threads spin while waiting; on a shared 2-core machine one thread is several times faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
