@@ -284,7 +284,27 @@ def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: boo
             **fs_kwargs,
         ),
     )
-    return trainer.fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        user_error = _user_error_of(e)
+        if user_error is None:
+            raise
+        raise user_error from None  # e.g. a corrupt checkpoint on S3, found only when a worker loads it
+
+
+def _user_error_of(failure: BaseException):
+    """The NanochatError (a user error: damaged checkpoint, bad flags) behind a failed run, if a worker raised one."""
+    for err in getattr(failure, "worker_failures", {}).values():
+        for _ in range(8):  # the worker's exception, possibly wrapped (RayTaskError.cause, raise ... from)
+            if err is None or isinstance(err, NanochatError):
+                break
+            err = getattr(err, "cause", None) or err.__cause__
+        if isinstance(err, NanochatError):
+            return err
+    return None
 
 
 def cluster_dict(cluster: ClusterArgs) -> dict:

@@ -73,10 +73,10 @@ def damaged(clean_base, tmp_path, source, kind):
     return base, path
 
 
-def run_entry(module, args, base):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": base, "PYTHONPATH": REPO, "RAY_ADDRESS": ""}
+def run_entry(module, args, base, env=None):
+    env = {**os.environ, **(env or {}), "NANOCHAT_BASE_DIR": base, "PYTHONPATH": REPO, "RAY_ADDRESS": ""}
     p = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
-                       timeout=HANG_S, cwd=base)
+                       timeout=HANG_S, cwd=base if os.path.isdir(base) else REPO)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -170,6 +170,29 @@ def test_serve_replica_deployment_failure_carries_the_line(clean_base, tmp_path)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_train_worker_load_of_a_damaged_s3_checkpoint_ends_in_one_line(clean_base, tmp_path, s3, monkeypatch):
+    """On S3 the driver does not download model files to check them: the Ray Train worker meets the damage when it
+    loads. The job still exits 2 with the one line (Ray's own logs keep the worker's traceback, prefixed with the
+    worker's name; the driver adds none)."""
+    from nanochat import storage
+
+    base, path = damaged(clean_base, tmp_path, "base", "truncated_model")
+    s3.apply_env(monkeypatch)
+    uri = s3.uri("damaged")
+    for root, _, files in os.walk(base):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                storage.write_bytes(storage.join(uri, *os.path.relpath(full, base).split(os.sep)), f.read())
+    rc, stdout, stderr = run_entry("ray_jobs.chat_sft", ["--device-type", "cpu", "--num-workers", "1",
+                                                         "--max-failures", "0"], uri, env=s3.env)  # fmt: skip
+    s3_path = storage.join(uri, "base_checkpoints", "d2", "model_000001.pt")
+    own = [line for line in stderr.splitlines() if "pid=" not in line.split(")")[0]]  # the driver's own lines
+    assert_one_line(rc, stdout, "\n".join(own), s3_path)
+    assert rc == 2 and own[-1].startswith("error:"), stderr[-3000:]
 
 
 # -----------------------------------------------------------------------------
