@@ -62,11 +62,11 @@ from collections.abc import Callable
 
 import torch
 
-from nanochat import flash_attention
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.engine import Engine, KVCache, RowState
 from nanochat.gpt import norm
 from nanochat.static_decode import StaticDecoder
+from serve.kv_rows import Rows, install_rowwise_attention, tls
 from serve.prefix_cache import PrefixCache
 from serve.sampling import MAX_LOGPROBS, BatchSampler, row_logprobs, sample_batch, sample_row, unpack_logprobs
 
@@ -150,61 +150,6 @@ class Sequence:
         return self.slot is not None and self.stage is None and not self.done
 
 
-class _Rows:
-    """Rows [a, b) of a KVCache as a protocol cache object (nanochat/flash_attention.py). Lengths and smear state
-    are views or copies that sync() writes back to the parent."""
-
-    def __init__(self, cache: KVCache, a: int, b: int):
-        self.parent, self.a, self.b = cache, a, b
-        self.k_cache, self.v_cache = cache.k_cache[:, a:b], cache.v_cache[:, a:b]
-        self.cache_seqlens = cache.cache_seqlens[a:b]  # a view: advance() updates the parent's lengths in place
-        self.host_seqlens = None if cache.host_seqlens is None else cache.host_seqlens[a:b]
-        self.prev_embedding = cache.prev_embedding[a:b]
-
-    def get_layer_cache(self, layer_idx):
-        return self.k_cache[layer_idx], self.v_cache[layer_idx]
-
-    def advance(self, num_tokens):
-        self.cache_seqlens += num_tokens
-        if self.host_seqlens is not None:
-            self.host_seqlens = [n + num_tokens for n in self.host_seqlens]
-
-    def sync(self):
-        self.parent.prev_embedding[self.a:self.b] = self.prev_embedding
-        if self.host_seqlens is not None:
-            self.parent.host_seqlens[self.a:self.b] = self.host_seqlens
-
-
-# Row-by-row decode attention (batch-invariant mode). A dispatcher replaces flash_attn.flash_attn_with_kvcache once;
-# it defers to the original unless THIS thread is inside a batch-invariant decode step (_tls.rows is set).
-_tls = threading.local()
-_original_attn = None
-_install_lock = threading.Lock()
-
-
-def _rowwise_dispatch(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False, window_size=(-1, -1),
-                      **kw):
-    rows = getattr(_tls, "rows", None)
-    if rows is None:
-        return _original_attn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal,
-                              window_size=window_size, **kw)
-    out = torch.zeros_like(q)  # (B, T, H, D); dummy rows keep zeros, their outputs are never used
-    for b in rows:
-        one = slice(b, b + 1)
-        out[one] = _original_attn(q[one], k_cache[one], v_cache[one], k=None if k is None else k[one],
-                                  v=None if v is None else v[one], cache_seqlens=cache_seqlens[one], causal=causal,
-                                  window_size=window_size)
-    return out
-
-
-def _install_rowwise_attention():
-    global _original_attn
-    with _install_lock:
-        if _original_attn is None:
-            _original_attn = flash_attention.flash_attn.flash_attn_with_kvcache
-            flash_attention.flash_attn.flash_attn_with_kvcache = _rowwise_dispatch
-
-
 class BatchScheduler:
     """Token-level continuous batching over one model. Thread model: submit()/cancel() from any thread; step() from
     one thread at a time (start() runs it in a daemon thread). On CUDA the scheduler owns the model for inference:
@@ -240,7 +185,7 @@ class BatchScheduler:
             raise ValueError("static=True (fixed-shape decode) cannot be batch-invariant; pass batch_invariant=False")
         self.row_multiple = row_multiple if self.batch_invariant else 1
         if self.batch_invariant:
-            _install_rowwise_attention()
+            install_rowwise_attention()
         if cuda:
             _cast_linear_weights(model)
         rows = -(-max_batch_size // self.row_multiple) * self.row_multiple
@@ -474,7 +419,7 @@ class BatchScheduler:
             ids[seq.stage - a] = torch.tensor(part + [part[-1]] * (T - len(part)))
             starts[seq.stage - a], ends[seq.stage - a] = start, end
         self._set_stage_lengths(a, starts)
-        view = _Rows(self.staging, a, b)
+        view = Rows(self.staging, a, b)
         logits = self.model.forward(ids.to(self.device), kv_cache=view)  # (b - a, T, vocab)
         view.sync()
         self._set_stage_lengths(a, ends)  # real lengths (the forward advanced every row by T)
@@ -528,13 +473,13 @@ class BatchScheduler:
             active[s.slot] = True
         lens = self.cache.cache_seqlens[:m]
         lens[~active.to(lens.device)] = 0  # dummy rows (free slots, padding): outputs unused
-        view = _Rows(self.cache, 0, m)
+        view = Rows(self.cache, 0, m)
         if self.batch_invariant:
-            _tls.rows = sorted(s.slot for s in running)
+            tls.rows = sorted(s.slot for s in running)
         try:
             logits = self.model.forward(tokens.to(self.device), kv_cache=view)[:, -1, :]  # (m, vocab)
         finally:
-            _tls.rows = None
+            tls.rows = None
         view.sync()
         self.stats["decode_steps"] += 1
         for s in running:

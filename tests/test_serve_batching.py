@@ -91,19 +91,19 @@ def test_eight_concurrent_requests_equal_each_alone(tiny, threads, num_threads):
 
 def test_batch_invariant_mode_pads_rows_and_attends_row_by_row(tiny, monkeypatch):
     from nanochat import flash_attention
-    from serve import batching
+    from serve import kv_rows
 
     model, tok, _ = tiny
     sched = BatchScheduler(model, tok, max_batch_size=5, max_seq_len=100, prefix_block=8)
     assert sched.batch_invariant and sched.cache.batch_size == 8 and sched.capacity == 100
-    assert flash_attention.flash_attn.flash_attn_with_kvcache is batching._rowwise_dispatch
-    calls, original = [], batching._original_attn
+    assert flash_attention.flash_attn.flash_attn_with_kvcache is kv_rows.rowwise_dispatch
+    calls, original = [], kv_rows._original_attn
 
     def spy(q, *args, **kwargs):
         calls.append(q.size(0))
         return original(q, *args, **kwargs)
 
-    monkeypatch.setattr(batching, "_original_attn", spy)
+    monkeypatch.setattr(kv_rows, "_original_attn", spy)
     prompts = _prompts(tok, 2)
     for p in prompts:
         sched.submit(p, SamplingParams(max_tokens=5, temperature=0.0))
