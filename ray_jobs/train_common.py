@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -184,6 +185,15 @@ def forwarded_env() -> dict:
 # The sink: Ray Train's side of the library loop (runs inside each worker)
 
 
+def _hold_for_tests(step: int) -> None:
+    """Test hook: NANOCHAT_TRAIN_HOLD_AT=<step>:<path> parks the loop after <step> (creating <path>) until the job is
+    stopped, so that a test stops a run at a known step instead of racing it."""
+    spec = os.environ.get("NANOCHAT_TRAIN_HOLD_AT")
+    if spec and step == int(spec.split(":", 1)[0]):
+        open(spec.split(":", 1)[1], "w").close()
+        threading.Event().wait()
+
+
 class RaySink(TrainSink):
     """nanochat.train.TrainSink on Ray Train: report metrics and checkpoint pointers, pick the resume step."""
 
@@ -257,6 +267,7 @@ class RaySink(TrainSink):
             metrics = {**metrics, "time_to_first_step_s": self.first_step_time - self.t_start}
         if step % self.report_every == 0:
             self.ray_train.report(_plain(self._with_evals(metrics)))
+        _hold_for_tests(step)
 
     def on_eval(self, step: int, metrics: dict) -> None:
         # ride along with the next step / checkpoint / final report (report is a barrier: no extra call here)
