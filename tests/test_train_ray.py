@@ -114,8 +114,48 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _scrape_gauges(port, found, stop):
-    """Poll the node's Prometheus endpoint while training runs; keep the nanochat_train_* samples seen."""
+GAUGES_SEEN = "gauges_seen"  # named actor: set by the driver once every custom gauge was scraped
+WATCHDOG_S = 300  # a worker waits at most this long for it (only if the gauges never show up: the test then fails)
+
+
+def _gauges_flag():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Flag:
+        def __init__(self):
+            self.value = False
+
+        def set(self):
+            self.value = True
+
+        def get(self):
+            return self.value
+
+    return Flag.options(name=GAUGES_SEEN).remote()
+
+
+class GaugeHoldSink(tc.RaySink):
+    """Rank 0 finishes only once the driver has seen the gauges it exported (they vanish with the worker)."""
+
+    def report_final(self, result):
+        import time
+
+        import ray
+
+        if self.rank == 0:
+            flag, deadline = ray.get_actor(GAUGES_SEEN), time.time() + WATCHDOG_S
+            while not ray.get(flag.get.remote()) and time.time() < deadline:
+                time.sleep(0.1)
+        super().report_final(result)
+
+
+def gauge_hold_worker(config):
+    base_train.worker_fn(config, sink_cls=GaugeHoldSink)
+
+
+def _scrape_gauges(port, found, want, flag, stop):
+    """Poll the node's Prometheus endpoint until every wanted gauge has been seen, then tell the worker."""
     import time
     import urllib.request
 
@@ -125,7 +165,10 @@ def _scrape_gauges(port, found, stop):
             found.update(line.split("{")[0] for line in text.splitlines() if line.startswith("ray_nanochat_train_"))
         except OSError:
             pass
-        time.sleep(0.5)
+        if want <= found:
+            flag.set.remote()
+            return
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +178,13 @@ def reference(ray_cluster, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("ref_base")
     os.environ["NANOCHAT_BASE_DIR"] = str(base)
-    gauges, stop = set(), threading.Event()
-    scraper = threading.Thread(target=_scrape_gauges, args=(ray_cluster, gauges, stop), daemon=True)
+    gauges, stop, want = set(), threading.Event(), {f"ray_{name}" for name in tc.GAUGES}
+    flag = _gauges_flag()
+    scraper = threading.Thread(target=_scrape_gauges, args=(ray_cluster, gauges, want, flag, stop), daemon=True)
     try:
         single = train(BaseTrainConfig(**cfg_dict("single")))
         scraper.start()
-        result = fit(cfg_dict("two"), "ref-two", storage=str(base / "ray_runs"))
+        result = fit(cfg_dict("two"), "ref-two", worker=gauge_hold_worker, storage=str(base / "ray_runs"))
     finally:
         stop.set()
         os.environ.pop("NANOCHAT_BASE_DIR")
