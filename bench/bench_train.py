@@ -5,6 +5,7 @@ workers, plus Ray's start-up time to the first step, and optionally upstream nan
     python -m bench.bench_train                                  # depth 2, T 128, 30 steps on the sample corpus
     python -m bench.bench_train --upstream /tmp/upstream         # also run upstream scripts.base_train (its checkout)
     python -m bench.bench_train --steps 30 --depth 4 --seq 256
+    python -m bench.bench_train --upstream UP --compile -1 --depth 4 --seq 512   # our default path vs upstream's
 
 Every row uses the same --compile setting (default 1: torch.compile, as upstream's base_train always does, so
 (a) and upstream run the same config); `in_process_eager` adds our CPU default (no compile) for reference.
@@ -56,9 +57,10 @@ def run_in_process(args, compile: int = 0) -> dict:
     from nanochat.train import train
 
     torch.set_num_threads(args.threads)
+    t0 = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
         r = train(config(args, "bench_inproc", compile))
-    return rates(r, args.total)
+    return {**rates(r, args.total), "wall_s": time.time() - t0}
 
 
 def rates(r: dict, total_batch: int) -> dict:
@@ -79,7 +81,7 @@ def run_ray(args, num_workers: int, t_start: float) -> dict:
     result = tc.run_trainer(base_train.worker_fn, {"cfg": cfg.to_dict(), "run_name": name, "report_every": 10},
                             cluster, use_gpu=False, run_name=name)
     m = result.metrics
-    return {**rates(m, args.total), "fit_s": time.time() - t0, "first_step_s": m["first_step_unix_time"] - t_start}
+    return {**rates(m, args.total), "wall_s": time.time() - t0, "first_step_s": m["first_step_unix_time"] - t_start}
 
 
 def run_upstream(args, upstream: str) -> dict:
@@ -90,12 +92,14 @@ def run_upstream(args, upstream: str) -> dict:
            "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--warmup-steps=5",
            "--model-tag=bench_upstream"]
     env = {**os.environ, "PYTHONPATH": upstream, "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.time()
     proc = subprocess.run(cmd, cwd=upstream, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.time() - t0
     dts = [float(m.group(2)) / 1000 for m in re.finditer(r"step (\d+)/\d+ .*?dt: ([\d.]+)ms", proc.stdout)
            if int(m.group(1)) >= 2]
     if proc.returncode != 0 or not dts:
         return {"error": (proc.stderr or proc.stdout)[-500:]}
-    return {"tok_per_sec": args.total / statistics.median(dts)}
+    return {"tok_per_sec": args.total / statistics.median(dts), "wall_s": wall}
 
 
 def main(argv=None):
@@ -108,7 +112,9 @@ def main(argv=None):
     p.add_argument("--base-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "nanochat-bench-train"))
     p.add_argument("--upstream", default=None, help="path to an upstream nanochat checkout to compare with")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (Ray: CPUs per worker)")
-    p.add_argument("--compile", type=int, default=1, help="torch.compile the model in rows (a)-(c) (upstream: always)")
+    p.add_argument("--compile", type=int, default=1, choices=[-1, 0, 1],
+                   help="torch.compile the model in rows (a)-(c) (upstream: always); -1 = our default (auto), so "
+                        "row (b) is `python -m ray_jobs.base_train` with default workers")
     args = p.parse_args(argv)
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")
     from nanochat.common import NanochatError
@@ -122,7 +128,7 @@ def main(argv=None):
     prepare_base_dir(args.base_dir)
 
     rows = {"in_process": run_in_process(args, args.compile)}
-    if args.compile:
+    if args.compile == 1:
         rows["in_process_eager"] = run_in_process(args, compile=0)
     t_start = time.time()  # Ray start-up (ray.init) counts towards (b)'s time to first step
     import ray
@@ -152,19 +158,23 @@ def main(argv=None):
     base = rows["in_process"]["tok_per_sec"]
     print(f"config: depth {args.depth}, T {args.seq}, B {args.batch}, total batch {args.total} tokens, "
           f"{args.steps} steps, {args.threads} thread(s) per process, {os.cpu_count()} CPUs, compile {args.compile}")
-    print(f"{'run':<22}{'tok/s':>10}{'vs (a)':>8}{'MFU %':>8}{'first step s':>14}")
+    print(f"{'run':<22}{'tok/s':>10}{'vs (a)':>8}{'MFU %':>8}{'first step s':>14}{'wall s':>8}")
     for name, r in rows.items():
         if "error" in r:
             print(f"{name:<22} error: {r['error'][-200:]}")
             continue
         mfu = f"{r['mfu']:.2f}" if r.get("mfu") is not None else "-"
         first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
-        print(f"{name:<22}{r['tok_per_sec']:>10.0f}{r['tok_per_sec'] / base:>8.2f}{mfu:>8}{first:>14}")
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "-"
+        print(f"{name:<22}{r['tok_per_sec']:>10.0f}{r['tok_per_sec'] / base:>8.2f}{mfu:>8}{first:>14}{wall:>8}")
     summary = {"config": vars(args), "results": rows, "peak_flops_per_process": peak,
                "trainer_1w_vs_in_process": rows["trainer_1_worker"]["tok_per_sec"] / base,
                "ray_start_to_first_step_s": rows["trainer_1_worker"]["first_step_s"]}
-    if "tok_per_sec" in rows.get("upstream_in_process", {}):
-        summary["in_process_vs_upstream"] = base / rows["upstream_in_process"]["tok_per_sec"]
+    up = rows.get("upstream_in_process", {})
+    if "tok_per_sec" in up:
+        summary["in_process_vs_upstream"] = base / up["tok_per_sec"]
+        summary["trainer_1w_vs_upstream"] = rows["trainer_1_worker"]["tok_per_sec"] / up["tok_per_sec"]
+        summary["trainer_1w_vs_upstream_wall"] = up["wall_s"] / rows["trainer_1_worker"]["wall_s"]  # >1: ours sooner
     print(json.dumps(summary))
 
 

@@ -38,6 +38,10 @@ class CheckpointNotFoundError(NanochatError, FileNotFoundError):
     """No usable checkpoint where one was expected (also a FileNotFoundError, as upstream raised)."""
 
 
+class CorruptCheckpointError(NanochatError):
+    """A checkpoint file exists but cannot be loaded (truncated, corrupt, or not a checkpoint file)."""
+
+
 def log0(message):
     if int(os.environ.get("RANK", 0)) == 0:
         logger.info(message)
@@ -80,13 +84,38 @@ def _save_torch(obj, path):
         torch.save(obj, f)
 
 
-def load_torch(path, device):
-    """torch.load of one checkpoint file (local or S3) onto device."""
+def _unloadable(path, err):
+    """The one-line error for a checkpoint file that exists but cannot be loaded: the file, the cause, the fix."""
+    name = str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    what = {"model": "Model file", "optim": "Optimizer shard", "meta": "Checkpoint meta file"}.get(
+        name.split("_", 1)[0], "Checkpoint file")
+    text = " ".join(str(err).split()).split(". ")[0][:300]  # its first sentence, on one line
+    cause = type(err).__name__ + (f": {text}" if text else "")
+    try:
+        steps = complete_steps(str(path)[: -len(name) - 1])
+    except Exception:  # the listing is only a hint: never hide the real error behind another one
+        steps = "unknown"
+    return CorruptCheckpointError(
+        f"{what} {path} cannot be loaded ({cause}); it is truncated or corrupt: re-save it with "
+        f"`{_creating_command(path)}`, or pick another step with -s/--step (training jobs: --model-step, "
+        f"--resume-from-step); steps in that directory: {steps or 'none'}"
+    )
+
+
+def load_torch(path, device, mmap=False):
+    """torch.load of one checkpoint file (local or S3) onto device; CorruptCheckpointError names the file when it
+    cannot be loaded. mmap=True (local files only) maps the tensors instead of reading them: a cheap full check of
+    the file's structure (a truncated file has no zip directory)."""
     # weights_only=True (torch's default): state dicts are tensors and plain Python containers/scalars.
-    if storage.is_remote(path):
-        with storage.open_read(path) as f:
-            return torch.load(f, map_location=device)
-    return torch.load(path, map_location=device)
+    try:
+        if storage.is_remote(path):
+            with storage.open_read(path) as f:
+                return torch.load(f, map_location=device)
+        return torch.load(path, map_location=device, mmap=mmap)
+    except (NanochatError, FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise _unloadable(path, e) from e
 
 
 _load_torch = load_torch  # older private name, still used by callers
@@ -119,12 +148,74 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
 
 
 # -----------------------------------------------------------------------------
+# Retention: delete old steps, newest first never
+
+
+_STEP_FILE = re.compile(r"(?:model|meta|optim)_(\d+)(?:_rank\d+)?\.(?:pt|json)")
+
+
+def steps_on_storage(checkpoint_dir, names=None):
+    """{step: [file names]} of every checkpoint file in checkpoint_dir (complete or not)."""
+    out = {}
+    for name in storage.listdir(checkpoint_dir) if names is None else names:
+        m = _STEP_FILE.fullmatch(name)
+        if m:
+            out.setdefault(int(m.group(1)), []).append(name)
+    return out
+
+
+def delete_checkpoint(checkpoint_dir, step, names=None):
+    """Delete every file of one step: meta FIRST, so a crash mid-delete leaves an incomplete (ignored) step, never
+    a meta that points at missing shards; then the model and every rank's optimizer shard."""
+    names = steps_on_storage(checkpoint_dir, names).get(step, [])
+    meta_name = os.path.basename(meta_path(checkpoint_dir, step))
+    for name in sorted(names, key=lambda n: n != meta_name):  # meta first
+        storage.remove(storage.join(checkpoint_dir, name))
+    return names
+
+
+def _launcher(checkpoint_dir, step):
+    """The `launcher` entry of a step's meta (None for single-process runs), or "?" when the meta is unreadable."""
+    try:
+        return json.loads(storage.read_bytes(meta_path(checkpoint_dir, step))).get("launcher")
+    except (OSError, ValueError, NanochatError):
+        return "?"
+
+
+def prune_checkpoints(checkpoint_dir, keep, final=None, protect=(), launcher=None):
+    """Retention: keep the `keep` newest complete steps written by `launcher` (the meta's "launcher" entry: which
+    run wrote them; None = single-process runs), plus `final` and every step in `protect`; delete the rest of that
+    run's steps, and incomplete leftovers (a killed save) older than the oldest step kept. Steps of other runs are
+    left alone. keep < 1 keeps everything. Returns the deleted steps."""
+    if keep is None or keep < 1:
+        return []
+    names = storage.listdir(checkpoint_dir)
+    by_step = steps_on_storage(checkpoint_dir, names)
+    complete = set(complete_steps_from_names(names))
+    ours = sorted(s for s in complete if s != final and _launcher(checkpoint_dir, s) == launcher)
+    kept = set(ours[-keep:]) | set(protect) | ({final} if final is not None else set())
+    oldest_kept = min(kept & complete, default=None)
+    doomed = [s for s in ours if s not in kept]
+    if oldest_kept is not None:  # files of a save that never completed (no meta) and is older than what we keep
+        doomed += [s for s in by_step if s not in complete and s < oldest_kept and s not in kept]
+    for s in sorted(doomed):
+        delete_checkpoint(checkpoint_dir, s, names)
+        logger.info(f"Retention: deleted checkpoint step {s} in {checkpoint_dir}")
+    return sorted(doomed)
+
+
+# -----------------------------------------------------------------------------
 # Finding checkpoints
 
 
 def complete_steps(checkpoint_dir):
     """Sorted steps in checkpoint_dir whose model and meta files both exist."""
-    names = set(storage.listdir(checkpoint_dir))
+    return complete_steps_from_names(storage.listdir(checkpoint_dir))
+
+
+def complete_steps_from_names(names):
+    """complete_steps of a directory listing."""
+    names = set(names)
     steps = []
     for name in names:
         m = re.fullmatch(r"model_(\d+)\.pt", name)
@@ -163,15 +254,21 @@ def find_largest_model(checkpoints_dir):
 # Loading
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """Returns (model_data, optimizer_data or None, meta_data) of one step."""
-    mpath, jpath = model_path(checkpoint_dir, step), meta_path(checkpoint_dir, step)
-    if not (storage.exists(mpath) and storage.exists(jpath)):
+def _require_step(checkpoint_dir, step):
+    """The model file of a complete step; CheckpointNotFoundError (listing the complete ones) otherwise."""
+    mpath = model_path(checkpoint_dir, step)
+    if not (storage.exists(mpath) and storage.exists(meta_path(checkpoint_dir, step))):
         steps = complete_steps(checkpoint_dir)
         raise CheckpointNotFoundError(
             f"Checkpoint step {step} is missing or incomplete in {checkpoint_dir} (complete steps: "
             f"{steps or 'none'}); pick one of those or create it with `{_creating_command(checkpoint_dir)}`"
         )
+    return mpath
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """Returns (model_data, optimizer_data or None, meta_data) of one step."""
+    mpath = _require_step(checkpoint_dir, step)
     model_data = load_torch(mpath, device)
     optimizer_data = None
     if load_optimizer:
@@ -183,8 +280,37 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
                 "rank, so resume with the same number of workers that saved it"
             )
         optimizer_data = load_torch(opath, device)
-    meta_data = json.loads(storage.read_bytes(jpath).decode("utf-8"))
+    meta_data = load_meta(checkpoint_dir, step)
     return model_data, optimizer_data, meta_data
+
+
+def load_meta(checkpoint_dir, step):
+    """The meta dict of one step; CorruptCheckpointError when it is not a JSON object."""
+    path = meta_path(checkpoint_dir, step)
+    raw = storage.read_bytes(path)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unloadable(path, e) from e
+    return meta
+
+
+def check_checkpoint(checkpoint_dir, step, optimizer=False):
+    """Before a job starts: raise the error a load would raise for a damaged meta, model file or (optimizer=True)
+    optimizer shard of one step; returns its meta. Local files are checked in full but cheaply (memory-mapped);
+    files on S3 only when they are loaded."""
+    paths = [_require_step(checkpoint_dir, step)]
+    meta = load_meta(checkpoint_dir, step)
+    if optimizer:
+        prefix = f"optim_{step:06d}_rank"
+        paths += [storage.join(checkpoint_dir, n) for n in sorted(storage.listdir(checkpoint_dir))
+                  if n.startswith(prefix)]
+    for path in paths:
+        if not storage.is_remote(path):
+            load_torch(path, "cpu", mmap=True)
+    return meta
 
 
 def _patch_missing_config_keys(model_config_kwargs):
@@ -214,25 +340,36 @@ def build_model(checkpoint_dir, step, device, phase):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
     model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
+    mpath = model_path(checkpoint_dir, step)
+    if not isinstance(model_data, dict):
+        raise _unloadable(mpath, TypeError(f"a {type(model_data).__name__}, not a state dict"))
     if device.type in {"cpu", "mps"}:
         # bf16 weights (saved from GPU) run in fp32 on CPU/MPS.
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
     # torch.compile'd models prefix every key with "_orig_mod."
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    if not isinstance(meta_data.get("model_config"), dict):
+        raise _unloadable(meta_path(checkpoint_dir, step), ValueError("no model_config object"))
     model_config_kwargs = dict(meta_data["model_config"])
     _patch_missing_config_keys(model_config_kwargs)
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(model_config_kwargs) - known)
     if unknown:
         log0(f"Ignoring unknown model_config keys {unknown}")
-    model_config = GPTConfig(**{k: v for k, v in model_config_kwargs.items() if k in known})
+    try:
+        model_config = GPTConfig(**{k: v for k, v in model_config_kwargs.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise _unloadable(meta_path(checkpoint_dir, step), e) from e
     log0(f"Building model with config: {model_config}")
     _patch_missing_keys(model_data, model_config)
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)
     model.init_weights()  # fills the non-persistent rotary buffers; the weights are overwritten just below
-    model.load_state_dict(model_data, strict=True, assign=True)
+    try:
+        model.load_state_dict(model_data, strict=True, assign=True)
+    except RuntimeError as e:  # missing / unexpected keys or shapes: the file does not belong to this meta
+        raise _unloadable(mpath, e) from e
     if phase == "train":
         model.train()
     else:
@@ -278,6 +415,14 @@ def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=Non
     checkpoint_dir, step = _resolve(checkpoints_dir, model_tag, step)
     log0(f"Loading model from {checkpoint_dir} with step {step}")
     return build_model(checkpoint_dir, step, device, phase)
+
+
+def check_model_checkpoint(checkpoints_dir, model_tag=None, step=None):
+    """Resolve (model_tag, step) as load_model_from_dir does and check_checkpoint that step; returns
+    (checkpoint_dir, step). For launchers that load the model elsewhere (Ray workers, Serve replicas)."""
+    checkpoint_dir, step = _resolve(checkpoints_dir, model_tag, step)
+    check_checkpoint(checkpoint_dir, step)
+    return checkpoint_dir, step
 
 
 def load_model(source, device, phase, model_tag=None, step=None):

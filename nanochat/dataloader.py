@@ -30,6 +30,7 @@ import torch
 
 from nanochat.common import NanochatError, get_dist_info
 from nanochat.dataset import open_parquet, read_texts, require_parquet_files
+from nanochat.staging import HostStaging
 
 # -----------------------------------------------------------------------------
 # Best-fit packing
@@ -199,11 +200,13 @@ def restore_buffer(state, paths, tokenizer, tokenizer_threads=4):
 
 
 def pack_batches(chunks, B, T, device="cpu", buffer_size=1000, restored=(), position=(0, 0, 0, 1), rank=0,
-                 world_size=1):
+                 world_size=1, staging=None):
     """Best-fit pack an iterator of (token_lists, refs, position) chunks into (inputs, targets, state) batches.
 
-    inputs/targets: (B, T) int64 on device, views into persistent buffers that the next batch overwrites (as
-    upstream: one host-to-device copy per batch, pinned and non-blocking on CUDA).
+    inputs/targets: (B, T) int64 on device, this batch's own tensors (a later batch never overwrites them). On CUDA
+    the host-to-device copy is asynchronous from pinned memory, through nanochat.staging.HostStaging (a ring of
+    pinned buffers, each refilled only after its previous copy completed). staging: a HostStaging for (2, B, T)
+    int64 batches to use instead (tests inject a lagging device this way).
     """
     packer = BestFitPacker(buffer_size)
     for tokens, ref in restored:
@@ -216,23 +219,21 @@ def pack_batches(chunks, B, T, device="cpu", buffer_size=1000, restored=(), posi
             packer.add(tokens, ref)
         pos[:] = new_pos
 
-    device = torch.device(device)
-    use_cuda = device.type == "cuda"
+    staging = staging or HostStaging([((2, B, T), torch.long)], device)
     rows = np.empty((B, T + 1), dtype=np.int64)
-    cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=use_cuda)  # [inputs | targets]
-    dev_buffer = torch.empty(2 * B * T, dtype=torch.long, device=device)
-    cpu_inputs, cpu_targets = cpu_buffer[:B * T].view(B, T), cpu_buffer[B * T:].view(B, T)
-    inputs, targets = dev_buffer[:B * T].view(B, T), dev_buffer[B * T:].view(B, T)
     rows_t = torch.from_numpy(rows)
+
+    def fill(both):  # (2, B, T) = [inputs, targets]: one copy per batch
+        both[0].copy_(rows_t[:, :-1])
+        both[1].copy_(rows_t[:, 1:])
+
     while True:
         for r in range(B):
             packer.fill_row(rows[r], refill)
-        cpu_inputs.copy_(rows_t[:, :-1])
-        cpu_targets.copy_(rows_t[:, 1:])
         state = {"pq_idx": pos[0], "rg_idx": pos[1], "epoch": pos[3], "doc_idx": pos[2], "rank": rank,
                  "world_size": world_size, "buffer": _compact_refs(packer.buffered_refs())}
-        dev_buffer.copy_(cpu_buffer, non_blocking=use_cuda)
-        yield inputs, targets, state
+        (both,) = staging.put(fill)
+        yield both[0], both[1], state
 
 
 def start_position(state, rank, world_size):

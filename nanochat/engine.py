@@ -114,9 +114,12 @@ class KVCache:
 
     k_cache, v_cache: (n_layers, B, T_max, H_kv, D). cache_seqlens: (B,) int32, tokens cached per row (rows may
     differ). prev_embedding: (B, 1, C) pre-smear embedding of each row's last token (the model sets it), or None.
+    host_lengths=True keeps `host_seqlens`, a Python copy of the lengths that the model reads instead of the device
+    tensor (no device->host sync per layer; flash_attention.py protocol item 5). The methods below keep it in step;
+    whoever writes cache_seqlens directly must update host_seqlens too (or leave host_lengths off).
     """
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype, host_lengths=False):
         self.batch_size = batch_size
         self.max_seq_len = seq_len
         self.n_layers = num_layers
@@ -126,15 +129,22 @@ class KVCache:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)  # FA3 wants int32
+        self.host_seqlens = [0] * batch_size if host_lengths else None
         self.prev_embedding = None
+
+    def _lengths(self):
+        """Per-row lengths as a list (from the host copy when there is one)."""
+        return list(self.host_seqlens) if self.host_seqlens is not None else self.cache_seqlens.tolist()
 
     def reset(self):
         self.cache_seqlens.zero_()
+        if self.host_seqlens is not None:
+            self.host_seqlens = [0] * self.batch_size
         self.prev_embedding = None
 
     def get_pos(self):
         """Row 0's length (upstream's meaning: all rows at one position)."""
-        return self.cache_seqlens[0].item()
+        return self.host_seqlens[0] if self.host_seqlens is not None else self.cache_seqlens[0].item()
 
     def get_layer_cache(self, layer_idx):
         """(k, v) views for one layer, each (B, T_max, H_kv, D)."""
@@ -142,6 +152,8 @@ class KVCache:
 
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
+        if self.host_seqlens is not None:
+            self.host_seqlens = [n + num_tokens for n in self.host_seqlens]
 
     def _check_compatible(self, other):
         if (self.n_layers, self.n_heads, self.head_dim) != (other.n_layers, other.n_heads, other.head_dim):
@@ -155,12 +167,15 @@ class KVCache:
         self._check_compatible(other)
         if other.batch_size not in (1, self.batch_size):
             raise ValueError(f"cannot prefill {self.batch_size} rows from a cache with {other.batch_size} rows")
-        n = int(other.cache_seqlens.max())
+        lens = other._lengths()
+        n = max(lens)
         if n > self.max_seq_len:
             raise ValueError(f"source holds {n} tokens but this cache has room for {self.max_seq_len}")
         self.k_cache[:, :, :n] = other.k_cache[:, :, :n]  # broadcasts over rows when other has one row
         self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
         self.cache_seqlens.copy_(other.cache_seqlens.expand(self.batch_size))
+        if self.host_seqlens is not None:
+            self.host_seqlens = lens * self.batch_size if len(lens) == 1 else lens
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
 
@@ -168,18 +183,23 @@ class KVCache:
         """Mark rows empty (their slots are reused by the next request); other rows are untouched."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.cache_seqlens.device)
         self.cache_seqlens[idx] = 0
+        if self.host_seqlens is not None:
+            for r in rows:
+                self.host_seqlens[r] = 0
         if self.prev_embedding is not None:
             self.prev_embedding[idx] = 0
 
     def copy_row_from(self, dst_row, src_cache, src_row=0):
         """Copy one prefilled row of src_cache (its k/v, length and smear state) into row dst_row of this cache."""
         self._check_compatible(src_cache)
-        n = int(src_cache.cache_seqlens[src_row])
+        n = src_cache._lengths()[src_row] if isinstance(src_cache, KVCache) else int(src_cache.cache_seqlens[src_row])
         if n > self.max_seq_len:
             raise ValueError(f"source row holds {n} tokens but this cache has room for {self.max_seq_len}")
         self.k_cache[:, dst_row, :n] = src_cache.k_cache[:, src_row, :n]
         self.v_cache[:, dst_row, :n] = src_cache.v_cache[:, src_row, :n]
         self.cache_seqlens[dst_row] = n
+        if self.host_seqlens is not None:
+            self.host_seqlens[dst_row] = n
         if src_cache.prev_embedding is not None:
             if self.prev_embedding is None:
                 C = src_cache.prev_embedding.size(-1)
@@ -191,11 +211,13 @@ class KVCache:
         n = len(rows)
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.cache_seqlens.device)
         if list(rows) != list(range(n)):
-            used = int(self.cache_seqlens.max())
+            used = max(self._lengths())
             self.k_cache[:, :n, :used] = self.k_cache[:, idx, :used]  # the gather copies before assigning
             self.v_cache[:, :n, :used] = self.v_cache[:, idx, :used]
         self.k_cache, self.v_cache = self.k_cache[:, :n], self.v_cache[:, :n]
         self.cache_seqlens = self.cache_seqlens[idx].contiguous()
+        if self.host_seqlens is not None:
+            self.host_seqlens = [self.host_seqlens[r] for r in rows]
         if self.prev_embedding is not None:
             self.prev_embedding = self.prev_embedding[idx]
         self.batch_size = n
@@ -236,15 +258,37 @@ class RowState:
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, static=None):
+        """static: decode with fixed shapes (nanochat.static_decode), replayed as CUDA graphs on CUDA; None = on CUDA.
+        It keeps one static KV cache, grown to the most rows (bucketed) and positions (in blocks of 256) any call has
+        needed, so each graph is captured once per Engine unless a later call needs a bigger cache."""
         self.model = model
         self.tokenizer = tokenizer  # used only for the calculator tool and the special-token ids
+        self.static = static
+        self._decoder = None
 
     def _new_cache(self, batch_size, seq_len):
         cfg = self.model.config
         return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len,
                        head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer,
-                       device=self.model.get_device(), dtype=COMPUTE_DTYPE)
+                       device=self.model.get_device(), dtype=COMPUTE_DTYPE, host_lengths=True)
+
+    def _static_decoder(self, num_samples, capacity):
+        """The graph decoder for this call, or None for the eager path (CPU, or too long for the static cache)."""
+        device = self.model.get_device()
+        use = (device.type == "cuda") if self.static is None else self.static
+        limit = self.model.config.sequence_len
+        if not use or capacity > limit:
+            return None
+        old = self._decoder
+        if old is None or old.rows < num_samples or old.capacity < capacity:
+            from nanochat.static_decode import StaticDecoder
+
+            rows = max(old.rows if old else 1, 1 << (num_samples - 1).bit_length())
+            positions = max(old.capacity if old else 0, min(limit, -(-capacity // 256) * 256))
+            self._decoder = None  # free the old cache (and its graphs) first
+            self._decoder = StaticDecoder(self.model, rows, positions, use_graphs=device.type == "cuda")
+        return self._decoder
 
     def _budget(self, tokens, num_samples, max_tokens, temperature, top_k):
         """Validate the request; return how many steps to run."""
@@ -307,11 +351,17 @@ class Engine:
 
         # 1) Batch-1 prefill. Positions needed: the prompt plus every generated token except the last one.
         capacity = len(tokens) + steps - 1
-        cache = self._new_cache(1, capacity if num_samples == 1 else len(tokens))
+        static = self._static_decoder(num_samples, capacity)
+        cache = self._new_cache(1, capacity if num_samples == 1 and static is None else len(tokens))
         logits = self.model.forward(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=cache)
         logits = logits[:, -1, :].expand(num_samples, -1)  # (N, vocab): each row samples its own first token
-        # 2) Replicate the prompt's cache to num_samples rows.
-        if num_samples > 1:
+        # 2) Replicate the prompt's cache to num_samples rows (of the static decoder's cache with graphs).
+        if static is not None:
+            n = len(tokens)
+            static.cache.k_cache[:, :num_samples, :n] = cache.k_cache[:, :, :n]
+            static.cache.v_cache[:, :num_samples, :n] = cache.v_cache[:, :, :n]
+            static.cache.prev_embedding[:num_samples] = cache.prev_embedding
+        elif num_samples > 1:
             decode_cache = self._new_cache(num_samples, capacity)
             decode_cache.prefill(cache)
             cache = decode_cache
@@ -337,6 +387,11 @@ class Engine:
             still = [i for i in live if not rows[i].completed]
             if not still:
                 break
+            if static is not None:  # fixed shapes: every row decodes (finished rows too), one graph replay
+                static.tokens[:num_samples, 0].copy_(torch.tensor(column, dtype=torch.long))
+                static.cache.cache_seqlens.fill_(len(tokens) + step)
+                logits = static.step(num_samples, len(tokens) + step)[:num_samples]
+                continue
             if len(still) < len(live):
                 cache.keep_rows([live.index(i) for i in still])
                 live = still

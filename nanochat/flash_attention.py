@@ -10,9 +10,10 @@ Layout is FA3's (B, T, H, D) for q/k/v and (B, T_max, H_kv, D) for one layer's c
 follows FA3: query i sees keys j with i - left <= j <= i + right, -1 meaning unlimited. Only causal attention is used
 by the model, so `right` must be 0 or -1. GQA (H a multiple of H_kv) is supported.
 
-FA3 is used only on a Hopper GPU with bf16 tensors and only if its kernel loads (`kernels` package from the HF Hub,
-or a locally installed `flash_attn_interface`); it is looked up lazily on the first CUDA call and any failure falls
-back to SDPA silently. On CPU (and everywhere else) SDPA does the work; sliding windows become explicit masks.
+FA3 is used with bf16 tensors on sm80/86/89/90 GPUs when its kernel loads (nanochat/fa3.py: the `kernels` package
+and the HF cache or Hub, or a locally installed `flash_attn_interface`). Entry points call `describe_backend()` at
+start (before torch.compile) and print its line; otherwise the lookup happens on the first CUDA call. Any failure
+falls back to SDPA. On CPU (and everywhere else) SDPA does the work; sliding windows become explicit masks.
 
 KV-cache call protocol (what gpt.py does and what nanochat.engine.KVCache provides), one forward with T new tokens:
   1. gpt.py reads `kv_cache.cache_seqlens` (int32, shape (B,)): row b's new tokens sit at positions
@@ -24,52 +25,52 @@ KV-cache call protocol (what gpt.py does and what nanochat.engine.KVCache provid
      new k/v in place at each row's positions and attends over that row's prefix; it never changes cache_seqlens.
   4. After the last layer gpt.py calls `kv_cache.advance(T)` once (every row's length += T).
 So the cache object needs: cache_seqlens, prev_embedding, get_layer_cache(i), advance(n). k_cache/v_cache must be in
-the dtype of k/v (the compute dtype).
+the dtype of k/v (the compute dtype). Two optional attributes make a forward free of device->host syncs:
+  5. `kv_cache.host_seqlens`: a Python list mirroring cache_seqlens, kept up to date by the cache's owner. When it is
+     present (not None), gpt.py and the attention take lengths from it instead of reading the device tensor back
+     (otherwise: one sync per forward for RoPE and one per layer in the SDPA path). Same numerics.
+  6. `kv_cache.static = True`: a forward with fixed shapes and no host reads at all, so it can be captured in a CUDA
+     graph. RoPE and smear use per-row positions on the device; attention covers the WHOLE k_cache view that
+     get_layer_cache returns (the owner slices it to a fixed key bucket), masked per row by cache_seqlens; the new
+     k/v are scattered at each row's position (clamped into the view, so idle rows stay in bounds).
 """
 
 import functools
-import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 # Tests set this to 'sdpa' or 'fa3' to force a backend; None = automatic.
 _override_impl = None
 
 
 _fa3_lookup = None  # None: not looked up yet; False: unavailable; else the FA3 interface module
+_fa3_reason = ""  # why FA3 is (not) used, one line
 
 
 def _load_flash_attention_3():
-    """The FA3 interface module, or None. Looked up once, lazily (first CUDA call); never raises.
-
-    The result lives in a plain module global so that torch.compile sees a constant after the first lookup.
-    """
-    global _fa3_lookup
+    """The FA3 interface module, or None. Looked up once (nanochat/fa3.py: cache first, bounded network); never
+    raises. Entry points call describe_backend() before torch.compile, so compiled code only reads the result
+    (a plain module global: a constant to dynamo, no lookup inside tracing)."""
+    global _fa3_lookup, _fa3_reason
     if _fa3_lookup is None:
-        _fa3_lookup = _find_flash_attention_3() or False
+        from nanochat import fa3
+
+        module, _fa3_reason = fa3.lookup()
+        _fa3_lookup = module or False
     return _fa3_lookup or None
 
 
-def _find_flash_attention_3():
-    if not torch.cuda.is_available():
-        return None
-    try:
-        if torch.cuda.get_device_capability()[0] != 9:  # the FA3 kernels we can get are built for Hopper
-            return None
-        try:
-            import flash_attn_interface  # a local FA3 build, if someone installed one
-
-            return flash_attn_interface
-        except ImportError:
-            pass
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from kernels import get_kernel
-
-        return get_kernel("varunneal/flash-attention-3").flash_attn_interface
-    except Exception:  # no package, no network, ABI mismatch: SDPA works everywhere
-        return None
+def describe_backend() -> str:
+    """Look FA3 up now (before torch.compile) and return the one start-up line: which attention runs and why."""
+    module = _load_flash_attention_3()
+    if _override_impl is not None:
+        return f"Attention: {_override_impl.upper()} (forced by flash_attention._override_impl)"
+    if module is not None:
+        return f"Attention: Flash Attention 3 ({_fa3_reason})"
+    return f"Attention: PyTorch SDPA, sliding windows as blocked masks (FA3 not used: {_fa3_reason})"
 
 
 def __getattr__(name):
@@ -123,6 +124,9 @@ def _sdpa_causal(q, k, v, left, allow_blocks=False):
     if Tq == Tk and not (0 <= left < Tq):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if allow_blocks and Tq == Tk and 0 < left and Tq > 2 * left:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            # keep only q, k, v and the attention's outputs for backward; the block layout is rebuilt there
+            return checkpoint(_sdpa_sliding_blocks, q, k, v, left, use_reentrant=False, context_fn=_save_attention)
         return _sdpa_sliding_blocks(q, k, v, left)
     if Tq == 1:
         if windowed:  # a single query needs only its last left+1 keys: slice instead of masking
@@ -152,6 +156,24 @@ def _sdpa_sliding_blocks(q, k, v, w):
     mask = _cached(_block_mask)(B, nb, w, q.device)
     y = F.scaled_dot_product_attention(qb, key_blocks(k), key_blocks(v), attn_mask=mask, enable_gqa=H != Hkv)
     return y.view(B, nb, H, w, D).transpose(1, 2).reshape(B, H, nb * w, D)[:, :, :T]
+
+
+# Training memory of the blocked path: SDPA saves its inputs for backward, and the key/value blocks are copies
+# twice the size of k and v (each key sits in two blocks). At d12, B 32, T 2048 that is +192 MiB per S layer,
+# +1.7 GiB for SSSL's 9 S layers, which torch.compile's partitioner kept. Selective activation checkpointing saves
+# the attention op's outputs and recomputes only the cheap layout copies (pad/unfold/reshape) in backward.
+_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
+) if hasattr(torch.ops.aten, name)}  # fmt: skip
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_attention():
+    return create_selective_checkpoint_contexts(_save_attention_policy)
 
 
 def _cached(fn):
@@ -195,11 +217,13 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
-                            window_size=(-1, -1)):
+                            window_size=(-1, -1), *, seqlens_host=None, static=False):
     """Attention against one layer's KV cache, writing the new k/v into the cache first (in place, like FA3).
 
     q: (B, T, H, D); k_cache/v_cache: (B, T_max, H_kv, D); k/v: (B, T, H_kv, D) or None; cache_seqlens: (B,) int32,
     the number of valid cached tokens per row before this call (rows may differ). Returns (B, T, H, D).
+    Not in FA3's signature (FA3 needs neither): seqlens_host, cache_seqlens as a list (skips reading it back);
+    static=True, the capture-safe path of protocol item 6 above.
     """
     if cache_seqlens is None:
         raise ValueError("flash_attn_with_kvcache needs cache_seqlens (a (B,) int32 tensor of cached lengths)")
@@ -211,9 +235,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         return _load_flash_attention_3().flash_attn_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, window_size=window_size)
 
+    if static:
+        return _sdpa_static(q, k_cache, v_cache, k, v, cache_seqlens, causal, left)
     B, Tq = q.shape[:2]
     T_new = 0 if k is None else k.size(1)
-    lens = cache_seqlens.tolist()  # one host sync per layer (upstream's SDPA path does the same with .item())
+    # Without a host copy: one host sync per layer (upstream's SDPA path does the same with .item()).
+    lens = cache_seqlens.tolist() if seqlens_host is None else seqlens_host
     lo, hi = min(lens), max(lens)
     if hi + T_new > k_cache.size(1):
         raise ValueError(f"KV cache overflow: {hi} cached + {T_new} new tokens > capacity {k_cache.size(1)}")
@@ -248,6 +275,27 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     else:
         mask = (kpos < starts[:, :, None] + T_new).expand(B, Tq, end)
     qt, kt, vt = q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2)
+    y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=qt.size(1) != kt.size(1))
+    return y.transpose(1, 2)
+
+
+def _sdpa_static(q, k_cache, v_cache, k, v, cache_seqlens, causal, left):
+    """Fixed-shape attention over the whole cache view (protocol item 6): no host reads, capture-safe."""
+    B, Tq = q.shape[:2]
+    Tk = k_cache.size(1)
+    T_new = 0 if k is None else k.size(1)
+    starts = cache_seqlens.to(torch.long)[:, None]  # (B, 1)
+    if k is not None:
+        rows = torch.arange(B, device=q.device)[:, None]
+        cols = (starts + torch.arange(T_new, device=q.device)[None, :]).clamp_(max=Tk - 1)  # (B, T_new)
+        k_cache[rows, cols] = k
+        v_cache[rows, cols] = v
+    qpos = (starts + (T_new - Tq) + torch.arange(Tq, device=q.device)[None, :])[:, :, None]  # (B, Tq, 1)
+    kpos = torch.arange(Tk, device=q.device)[None, None, :]  # (1, 1, Tk)
+    mask = kpos <= qpos if causal else kpos < starts[:, :, None] + T_new
+    if causal and left >= 0:
+        mask = mask & (qpos - kpos <= left)
+    qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], enable_gqa=qt.size(1) != kt.size(1))
     return y.transpose(1, 2)
 

@@ -191,7 +191,9 @@ class CausalSelfAttention(nn.Module):
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
                                                    cache_seqlens=kv_cache.cache_seqlens, causal=True,
-                                                   window_size=window_size)
+                                                   window_size=window_size,
+                                                   seqlens_host=getattr(kv_cache, "host_seqlens", None),
+                                                   static=getattr(kv_cache, "static", False))
         return self.c_proj(y.contiguous().view(B, T, -1))
 
 
@@ -393,8 +395,9 @@ class GPT(nn.Module):
     # Optimizer
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                        scalar_lr=0.5):
-        """MuonAdamW: AdamW for embeddings/lm_head/scalars, Muon for all block matrices (one group per shape)."""
+                        scalar_lr=0.5, compile=None):
+        """MuonAdamW: AdamW for embeddings/lm_head/scalars, Muon for all block matrices (one group per shape).
+        compile: torch.compile the optimizer kernels (None = MuonAdamW's default: on CUDA only)."""
         C = self.config.n_embd
         dmodel_lr_scale = (C / 768) ** -0.5  # AdamW LRs were tuned at width 768
         print0(f"Scaling the LR for the AdamW parameters ∝1/√({C}/768) = {dmodel_lr_scale:.6f}")
@@ -413,7 +416,7 @@ class GPT(nn.Module):
             groups.append(dict(kind="muon", params=[p for p in matrix_params if p.shape == shape], lr=matrix_lr,
                                momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "parameter left out"
-        optimizer = MuonAdamW(groups)
+        optimizer = MuonAdamW(groups, compile=compile)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
         return optimizer
@@ -444,7 +447,12 @@ class GPT(nn.Module):
         """cos/sin for the new tokens, broadcastable to (B, T, H, D/2): offset by each row's cache length."""
         if kv_cache is None:
             return self.cos[:, :T], self.sin[:, :T], None
-        lens = kv_cache.cache_seqlens.tolist()
+        if getattr(kv_cache, "static", False):  # capture-safe: positions stay on the device (lens unknown)
+            pos = kv_cache.cache_seqlens.to(torch.long)[:, None] + torch.arange(T, device=self.cos.device)
+            pos = pos.clamp_(max=self.cos.size(1) - 1)  # idle rows of a static batch must stay in the table
+            return self.cos[0, pos], self.sin[0, pos], None
+        lens = getattr(kv_cache, "host_seqlens", None)  # a host copy saves a device->host sync
+        lens = kv_cache.cache_seqlens.tolist() if lens is None else lens
         lo, hi = min(lens), max(lens)
         if hi + T > self.cos.size(1):
             raise ValueError(f"position {hi + T} exceeds the RoPE table ({self.cos.size(1)} positions)")
@@ -473,13 +481,16 @@ class GPT(nn.Module):
         else:
             prev = kv_cache.prev_embedding  # pre-smear embedding of each row's previous token, (B, 1, C)
             kv_cache.prev_embedding = x[:, -1:, :]
+            first = x[:, :1]
             if T > 1:
                 x = self._smear(x)  # prefill: the same formula as training, within the chunk
-            elif prev is not None:
-                gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-                if min(lens) == 0:  # a row that starts here has no previous token
+            if prev is not None and (lens is None or max(lens) > 0):
+                # The chunk's first token smears with the previous token (decode, or a prefill chunk that
+                # continues a cached prefix); a row that starts here (length 0) has no previous token.
+                gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(first[..., :SMEAR_CHANNELS]))
+                if lens is None or min(lens) == 0:
                     gate = gate * (kv_cache.cache_seqlens > 0).to(x.dtype)[:, None, None]
-                x = x + gate * prev
+                x = first + gate * prev if T == 1 else torch.cat([first + gate * prev, x[:, 1:]], dim=1)
 
         x0 = x  # the normalized (smeared) embedding, re-injected at every layer via x0_lambdas
         backout_layer, x_backout = self.config.n_layer // 2, None

@@ -41,6 +41,7 @@ from nanochat.common import (
     print0,
 )
 from nanochat.train import TrainSink, _f
+from nanochat.train_config import check_checkpoint_flags
 
 # -----------------------------------------------------------------------------
 # Config: upstream chat_rl's flags and defaults, then a few of ours
@@ -79,6 +80,10 @@ class RLConfig:
     task: str = _f("gsm8k", "RL task with a reward: gsm8k (upstream) | spellingbee | arithmetic (offline)")
     num_iterations: int = _f(-1, "number of optimization steps (-1 = epochs x train examples / examples-per-step)")
     seed: int = _f(0, "added to every rollout seed (0 = upstream's seeds)")
+    save_every_minutes: float = _f(-1.0, "also save every M minutes, converted to steps from the measured step "
+                                         "time (-1 = off)")
+    keep_checkpoints: int = _f(2, "retention: keep this run's newest K checkpoints plus the final one (-1 = all)")
+    background_save: int = _f(1, "1: copy the weights to host memory and write them in the background; 0: block")
 
     def __post_init__(self):
         if isinstance(self.model_step, str):  # argparse hands `int | None` fields over as strings
@@ -110,6 +115,7 @@ class RLConfig:
             raise NanochatError(f"--task {self.task!r} is unknown: use one of {', '.join(sorted(RL_TASKS))}")
         if self.model_step is not None and self.model_step < 0:
             raise NanochatError(f"--model-step must be >= 0 (got {self.model_step})")
+        check_checkpoint_flags(self.save_every_minutes, self.keep_checkpoints)
         if world_size is not None and self.examples_per_step % world_size != 0:
             raise NanochatError(
                 f"--examples-per-step ({self.examples_per_step}) must be divisible by the number of workers "
@@ -297,7 +303,8 @@ def _mean_over_ranks(value: float, device, world: int) -> float:
 def rl(cfg: RLConfig, sink: TrainSink | None = None) -> dict:
     """Run RL per cfg from the SFT checkpoint; returns per-step rewards, pass@k history and the checkpoint dir."""
     from nanochat import storage
-    from nanochat.checkpoint_manager import build_model, load_checkpoint, save_checkpoint
+    from nanochat.checkpoint_manager import build_model, load_checkpoint
+    from nanochat.checkpoint_saver import Checkpointing
     from nanochat.engine import Engine
 
     sink = sink or TrainSink()
@@ -305,6 +312,9 @@ def rl(cfg: RLConfig, sink: TrainSink | None = None) -> dict:
     ddp, rank, _, world, device = compute_init(device_type)
     master = rank == 0
     cfg.validate(world)
+    from nanochat.flash_attention import describe_backend
+
+    print0(describe_backend())  # FA3 looked up at start, not inside the first generation
     examples_per_rank = cfg.examples_per_step // world
 
     sft_dir, sft_step = resolve_sft_checkpoint(cfg.model_tag, cfg.model_step)
@@ -355,14 +365,19 @@ def rl(cfg: RLConfig, sink: TrainSink | None = None) -> dict:
         sink.on_eval(step, metrics)
         passk_hist.append([step, passk])
 
-    def save(step):
-        if master:
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), None,
-                            {**meta_base, "step": step, **sink.checkpoint_meta()})
-            print(f"✅ Saved model checkpoint to {checkpoint_dir}")
-        if ddp and is_ddp_initialized():
-            dist.barrier()  # the checkpoint is on storage before any rank announces it
-        sink.on_checkpoint(step, checkpoint_dir, {"step": step})
+    # Checkpointing counts updates done (`done` = step + 1); a checkpoint holds the weights after update `step` and
+    # is named by it (upstream's numbering), so the cadence of --save-every is passed in as `force`.
+    ckpt = Checkpointing(checkpoint_dir, rank, device, sink, start_step, resumed=resume is not None,
+                         save_every_minutes=cfg.save_every_minutes, keep=cfg.keep_checkpoints,
+                         background=bool(cfg.background_save), step_offset=-1)  # fmt: skip
+
+    def make_save(file_step):
+        def on_complete(_):  # every rank, once the checkpoint is complete on storage
+            print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
+            sink.on_checkpoint(file_step, checkpoint_dir, {"step": file_step})
+
+        meta = {**meta_base, "step": file_step, **sink.checkpoint_meta()}
+        return lambda why: (model.state_dict(), None, meta, on_complete)
 
     for step in range(start_step, num_steps):
         if cfg.eval_every > 0 and step % cfg.eval_every == 0:
@@ -404,10 +419,11 @@ def rl(cfg: RLConfig, sink: TrainSink | None = None) -> dict:
         rewards_hist.append([step, mean_reward])
         lengths_hist.append([step, mean_length])
         sink.on_step(step + 1, {**metrics, "step": step + 1, "rl/reward": mean_reward})
+        ckpt.after_step(step + 1)
+        periodic = step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0
+        ckpt.before_step(step + 1, step == num_steps - 1, make_save(step), force="steps" if periodic else None)
 
-        if step == num_steps - 1 or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0):
-            save(step)
-
+    ckpt.close()
     if cfg.eval_every > 0 and (start_step < num_steps or not passk_hist):
         evaluate(num_steps)  # ours: where the run ended
     wandb_run.finish()
@@ -415,7 +431,7 @@ def rl(cfg: RLConfig, sink: TrainSink | None = None) -> dict:
         "step": num_steps - 1, "num_steps": num_steps, "start_step": start_step, "world_size": world,
         "checkpoint_dir": checkpoint_dir, "rewards": rewards_hist, "sequence_lengths": lengths_hist,
         "pass_at_k": passk_hist, "final_pass_at_k": passk_hist[-1][1] if passk_hist else None,
-        "sft_checkpoint": f"{sft_dir} step {sft_step}",
+        "sft_checkpoint": f"{sft_dir} step {sft_step}", "save_stalls": ckpt.stalls,
     }  # fmt: skip
     print0(f"RL done: {json.dumps({k: result[k] for k in ('num_steps', 'final_pass_at_k', 'checkpoint_dir')})}")
     compute_cleanup()

@@ -34,7 +34,10 @@ from nanochat.common import (
     is_ddp_initialized,
     print0,
 )
+from nanochat.flash_attention import describe_backend
+from nanochat.staging import HostStaging
 from nanochat.train import TrainSink, _f, check_batch_divisible
+from nanochat.train_config import check_checkpoint_flags
 
 
 @dataclass
@@ -67,6 +70,10 @@ class SFTConfig:
     offline_size: int = _f(20000, "examples per generated task in the offline mixture (test split: 1/10)")
     custom_json: str = _f("", "comma-separated CustomJSON .jsonl files to add to the mixture")
     save_every: int = _f(-1, "also save every N steps (-1 = only at the end, as upstream)")
+    save_every_minutes: float = _f(-1.0, "also save every M minutes, converted to steps from the measured step "
+                                         "time (-1 = off)")
+    keep_checkpoints: int = _f(2, "retention: keep this run's newest K checkpoints plus the final one (-1 = all)")
+    background_save: int = _f(1, "1: copy the state to host memory and write it in the background; 0: block")
     resume_from_step: int = _f(-1, "resume SFT from this chatsft checkpoint step (-1 = disable)")
     compile: int = _f(-1, "torch.compile the model: 1/0, -1 = auto (on for CUDA)")
 
@@ -81,6 +88,7 @@ class SFTConfig:
                 raise NanochatError(f"--{name.replace('_', '-')} must be positive (got {v})")
         if not 0 <= self.warmup_ratio <= 1 or not 0 <= self.warmdown_ratio <= 1:
             raise NanochatError("--warmup-ratio and --warmdown-ratio must be in [0, 1]")
+        check_checkpoint_flags(self.save_every_minutes, self.keep_checkpoints)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +171,7 @@ def sft_batches(dataset, tokenizer, B: int, T: int, rank: int, world: int, devic
     if state is not None:
         st.update({k: state[k] for k in ("cursor", "consumed", "epoch", "it", "buffer")})
     buffer = [(i, *tokenizer.render_conversation(dataset[i], max_tokens=max_tokens)) for i in st["buffer"]]
+    staging = HostStaging([((B, T), torch.int32), ((B, T), torch.long)], device)
     while True:
         rows, masks, lengths = [], [], []
         for _ in range(B):
@@ -202,7 +211,8 @@ def sft_batches(dataset, tokenizer, B: int, T: int, rank: int, world: int, devic
         last = is_train and ((0 < num_iterations <= st["it"]) or st["consumed"] >= size)
         progress = st["it"] / num_iterations if num_iterations > 0 else st["consumed"] / size
         out = {**st, "buffer": [i for i, _, _ in buffer], "last_step": last, "progress": min(progress, 1.0)}
-        yield batch[:, :-1].to(device=device, dtype=torch.int32), targets.to(device), out
+        # pinned, asynchronous copies on CUDA that never overwrite a buffer still being read (nanochat/staging.py)
+        yield *staging.put_copies(batch[:, :-1], targets), out
 
 
 # -----------------------------------------------------------------------------
@@ -336,6 +346,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
     model, tokenizer, base_meta, resume = _load_base(cfg, device, sink)
     cfg = inherit_from_base(SFTConfig(**cfg.to_dict()), base_meta)
     orig_model = model
+    print0(describe_backend())  # look FA3 up before torch.compile (not inside dynamo tracing: a graph break)
     if cfg.compile == 1 or (cfg.compile == -1 and device_type == "cuda"):
         model = torch.compile(model, dynamic=False)
     depth = orig_model.config.n_layer
@@ -366,6 +377,19 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
             print0("WARNING: SFT data position saved by another world size; restarting the epoch's stream")
     start_step = step
     chat_history = []  # (step, ChatCORE) of this run
+    pending = set()  # ("chat", step) launched asynchronously and not reported yet: recorded in checkpoints
+    from nanochat.checkpoint_saver import Checkpointing
+
+    ckpt = Checkpointing(out_dir, rank, device, sink, start_step, resumed=resume is not None,
+                         save_every=cfg.save_every, save_every_minutes=cfg.save_every_minutes,
+                         keep=cfg.keep_checkpoints, background=bool(cfg.background_save),
+                         protect=lambda: {s for _, s in pending})  # fmt: skip
+
+    def make_save(why):
+        loop_state = {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth, "total_training_time": total_time,
+                      "progress": progress}
+        return _save_parts(cfg, sink, out_dir, step, orig_model, optimizer, tokenizer, val_bpb, consumed_state, ddp,
+                           world, loop_state, sorted(pending))
 
     def report_chat(at_step, res, now):
         """Print / log / hand to the sink the chat eval of the model at `at_step` (maybe known only at `now`)."""
@@ -373,6 +397,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
             print0(f"  {task}: {100 * acc:.2f}%")
         core, core_cat = centered(res), centered(res, categorical_only=True)
         chat_history.append((at_step, core))
+        pending.discard(("chat", at_step))
         late = f" (ready at step {now})" if at_step != now else ""
         print0(f"Step {at_step:05d} | ChatCORE: {core:.4f} | ChatCORE_cat: {core_cat:.4f}{late}")
         wandb_run.log({"step": at_step, "total_training_flops": flops_per_token * cfg.total_batch_size * at_step,
@@ -391,6 +416,15 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
     train_loader = sft_batches(train_ds, tokenizer, B, T, rank, world, device, cfg.num_iterations, state=data_state)
     x, y, st = next(train_loader)
     consumed_state = data_state
+    for kind, at_step in (resume[2].get("pending_evals", []) if resume is not None else []):
+        # launched by the previous worker group and lost with it: again, from that step's checkpoint (the step we
+        # resume from is evaluated again by the loop anyway)
+        from nanochat.checkpoint_manager import complete_steps
+
+        if kind == "chat" and at_step != step and at_step in complete_steps(out_dir) and sink.relaunch_eval(
+                kind, at_step, out_dir, device, {"cfg": cfg, "batch_size": B}):
+            pending.add((kind, at_step))
+            print0(f"Step {at_step:05d} | chat evaluation relaunched after a restart")
     last_step, losses, results = st["last_step"], [], {}
     gc_was_enabled = gc.isenabled()
     try:
@@ -417,15 +451,13 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
                 got = sink.chat_metric(cfg, orig_model, tokenizer, device, step, B)
                 if got is None:
                     got = chat_eval(cfg, orig_model, tokenizer, B)
-                if not got.get("pending"):  # else launched asynchronously: reported below when ready
+                if got.get("pending"):  # launched asynchronously: reported below when ready
+                    pending.add(("chat", step))  # its weights must survive a restart: save this step
+                else:
                     results = got
                     report_chat(step, results, step)
                 orig_model.train()
-            periodic = cfg.save_every > 0 and step > 0 and step != start_step and step % cfg.save_every == 0
-            if last_step or periodic:
-                _save(cfg, sink, out_dir, step, orig_model, optimizer, tokenizer, val_bpb, consumed_state, ddp, rank,
-                      world, {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth, "total_training_time":
-                              total_time, "progress": progress})
+            ckpt.before_step(step, last_step, make_save, force="eval" if ("chat", step) in pending else None)
             if last_step:
                 break
             # ---- one optimizer step
@@ -464,6 +496,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
             dt = time.time() - t0
             losses.append((step, loss_f))
             step += 1
+            ckpt.after_step(step)  # completes a background save whose shards all landed (non-blocking)
             # ---- logging
             smooth = 0.9 * smooth + 0.1 * loss_f
             debiased = smooth / (1 - 0.9 ** (step + 1))
@@ -491,6 +524,7 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
         gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
+    ckpt.close()  # the final checkpoint is complete (and announced) before the run reports its result
     final = collect_evals(step, wait=True)  # the last step's chat eval is always reported
     if final is not None:
         results = final
@@ -501,12 +535,12 @@ def sft(cfg: SFTConfig, sink: TrainSink | None = None) -> dict:
     compute_cleanup()
     return {"step": step, "start_step": start_step, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
             "chat_eval": results, "chatcore_metrics": sorted(chat_history), "losses": losses, "checkpoint_dir": out_dir, "world_size": world,
-            "grad_accum_steps": grad_accum}
+            "grad_accum_steps": grad_accum, "save_stalls": ckpt.stalls, "saved_steps": ckpt.saver.saved_steps}
 
 
-def _save(cfg, sink, out_dir, step, model, optimizer, tokenizer, val_bpb, data_state, ddp, rank, world, loop_state):
-    from nanochat.checkpoint_manager import save_checkpoint
-
+def _save_parts(cfg, sink, out_dir, step, model, optimizer, tokenizer, val_bpb, data_state, ddp, world, loop_state,
+                pending_evals):
+    """(model state, optimizer state, meta, on_complete) of an SFT checkpoint (every rank; gathers data states)."""
     states = [data_state]
     if ddp and is_ddp_initialized():
         states = [None] * world
@@ -523,9 +557,11 @@ def _save(cfg, sink, out_dir, step, model, optimizer, tokenizer, val_bpb, data_s
         "loop_state": loop_state,
         "world_size": world,
         "dataloader_state_dicts": states,
+        "pending_evals": pending_evals,
         **sink.checkpoint_meta(),
     }
-    save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), json.loads(json.dumps(meta)), rank=rank)
-    if ddp and is_ddp_initialized():
-        dist.barrier()
-    sink.on_checkpoint(step, out_dir, {"step": step, "val_bpb": val_bpb})
+
+    def on_complete(_):
+        sink.on_checkpoint(step, out_dir, {"step": step, "val_bpb": val_bpb})
+
+    return model.state_dict(), optimizer.state_dict(), json.loads(json.dumps(meta)), on_complete

@@ -19,7 +19,6 @@ import pickle
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import rustbpe
 import tiktoken
 
 from nanochat.common import NanochatError, get_base_dir
@@ -154,6 +153,8 @@ class RustBPETokenizer:
                 f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + {len(SPECIAL_TOKENS)} special "
                 f"tokens, so at least {256 + len(SPECIAL_TOKENS)}"
             )
+        import rustbpe  # only training needs it (GPU machines without it can still load a trained tokenizer)
+
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, n_bpe, pattern=SPLIT_PATTERN)
         # rank == token id; bytes 0..255 come first, then the merges in the order they were learned

@@ -16,13 +16,15 @@ world size, the per-step log line, val bpb, samples, and checkpoints in `base_ch
 Run single-process (CPU example, like upstream's docstring):
     python -m ray_jobs.base_train --num-workers 0 --depth=4 --max-seq-len=512 --device-batch-size=1 \
         --eval-tokens=512 --core-metric-every=-1 --total-batch-size=512 --num-iterations=20
+
+Module layout: nanochat/train_config.py (config, plan, schedules), nanochat/train_io.py (sink, data, checkpoint
+location), this file (the loop). Their public names stay importable from here.
 """
 
 import gc
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -30,18 +32,49 @@ import torch.distributed as dist
 from nanochat.common import (
     COMPUTE_DTYPE,
     COMPUTE_DTYPE_REASON,
+    CPU_EAGER_MFU,
     DummyWandb,
-    NanochatError,
     PeakFlops,
     autodetect_device_type,
+    compile_choice,
     compute_cleanup,
     compute_init,
-    get_base_dir,
     is_ddp_initialized,
     print0,
 )
+from nanochat.train_config import (
+    B_REF,
+    BaseTrainConfig,
+    Plan,
+    _f,
+    build_model_meta,
+    check_batch_divisible,
+    derive_plan,
+    lr_multiplier,
+    muon_momentum,
+    muon_weight_decay,
+    plan_for,
+    print_plan,
+    scaling_params,
+)
+from nanochat.train_io import (
+    PENDING,
+    TrainSink,
+    _load_tokenizer,
+    _make_loaders,
+    _saved_world_size,
+    checkpoint_dir_for,
+    load_optimizer_for_world,
+    synthetic_loader,
+)
 
-B_REF = 2**19  # optimal total batch size (tokens) of the d12 reference model, measured upstream
+__all__ = [  # re-exported: tests, sft/rl and ray_jobs import these from nanochat.train
+    "B_REF", "PENDING", "SAMPLE_PROMPTS", "BaseTrainConfig", "Plan", "TrainSink", "_f", "_saved_world_size",
+    "build_model_meta", "check_batch_divisible", "checkpoint_dir_for", "derive_plan", "load_optimizer_for_world",
+    "lr_multiplier", "muon_momentum", "muon_weight_decay", "plan_for", "print_plan", "scaling_params",
+    "synthetic_loader", "train", "train_model_state",
+]
+
 SAMPLE_PROMPTS = (
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -51,390 +84,6 @@ SAMPLE_PROMPTS = (
     "My favorite color is",
     "If 5*x + 3 = 13, then x is",
 )
-
-
-def _f(default, help):
-    """A config field with its CLI help text (ray_jobs builds argparse flags from these)."""
-    return field(default=default, metadata={"help": help})
-
-
-# -----------------------------------------------------------------------------
-# Config: every upstream base_train flag with its default, plus a few of ours at the end
-
-
-@dataclass
-class BaseTrainConfig:
-    # Logging
-    run: str = _f("dummy", "wandb run name ('dummy' disables wandb logging)")
-    # Runtime
-    device_type: str = _f("", "cuda|cpu|mps (empty = autodetect)")
-    fp8: bool = _f(False, "enable FP8 training (CUDA with FP8 support only; ignored elsewhere with a warning)")
-    fp8_recipe: str = _f("tensorwise", "FP8 scaling recipe (only 'tensorwise' is implemented)")
-    # Model architecture
-    depth: int = _f(20, "depth of the Transformer model: the single complexity dial")
-    aspect_ratio: int = _f(64, "model_dim = depth * aspect_ratio (rounded up to a multiple of head_dim)")
-    head_dim: int = _f(128, "target head dimension for attention")
-    max_seq_len: int = _f(2048, "max context length")
-    window_pattern: str = _f("SSSL", "sliding window pattern tiled across layers: L=full, S=quarter context")
-    # Training horizon (first one > 0 wins, in this order)
-    num_iterations: int = _f(-1, "explicit number of optimization steps (-1 = disable)")
-    target_flops: float = _f(-1.0, "calculate num_iterations to reach target_flops (-1 = disable)")
-    target_param_data_ratio: float = _f(12, "calculate num_iterations to keep this tokens:scaling-params ratio")
-    # Optimization
-    device_batch_size: int = _f(32, "per-device batch size (rows); reduce to 16, 8, ... if you run out of memory")
-    total_batch_size: int = _f(-1, "total batch size in tokens (-1 = auto-compute optimal)")
-    embedding_lr: float = _f(0.3, "learning rate for embedding parameters (Adam)")
-    unembedding_lr: float = _f(0.008, "learning rate for unembedding parameters (Adam)")
-    weight_decay: float = _f(0.28, "cautious weight decay for the Muon optimizer (at the d12 reference)")
-    matrix_lr: float = _f(0.02, "learning rate for matrix parameters (Muon)")
-    scalar_lr: float = _f(0.5, "learning rate for scalars (resid_lambdas, x0_lambdas)")
-    warmup_steps: int = _f(40, "number of steps for LR warmup")
-    warmdown_ratio: float = _f(0.65, "ratio of iterations for LR warmdown")
-    final_lr_frac: float = _f(0.05, "final LR as fraction of initial LR")
-    resume_from_step: int = _f(-1, "resume training from this step (-1 = disable)")
-    # Evaluation
-    eval_every: int = _f(250, "evaluate val bpb every N steps (-1 = disable)")
-    eval_tokens: int = _f(80 * 524288, "number of tokens to evaluate val loss on")
-    core_metric_every: int = _f(2000, "evaluate CORE metric every N steps (-1 = disable)")
-    core_metric_max_per_task: int = _f(500, "examples per task for CORE metric")
-    sample_every: int = _f(2000, "sample from model every N steps (-1 = disable)")
-    save_every: int = _f(-1, "save checkpoints every N steps (-1 = only at end)")
-    # Output
-    model_tag: str | None = _f(None, "override model tag for checkpoint directory name (default d<depth>)")
-    # --- ours (not upstream flags)
-    compile: int = _f(-1, "torch.compile the model: 1/0, -1 = auto (on for CUDA, off on CPU/MPS)")
-    data: str = _f("parquet", "training data: parquet (base_data shards) | synthetic (seeded tokens, for tests)")
-    seed: int = _f(42, "seed of the synthetic data stream (weights always use upstream's seed 42)")
-    vocab_size: int = _f(-1, "synthetic data without a tokenizer: vocab size (-1 = take it from the tokenizer)")
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self, world_size: int | None = None):
-        """Reject bad flag values with a message that names the flag. world_size adds the divisibility check."""
-        if self.depth < 1:
-            raise NanochatError(f"--depth must be >= 1 (got {self.depth})")
-        for name in ("aspect_ratio", "head_dim", "device_batch_size", "warmup_steps"):
-            if getattr(self, name) < (0 if name == "warmup_steps" else 1):
-                raise NanochatError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
-        if self.max_seq_len < 2:
-            raise NanochatError(f"--max-seq-len must be >= 2 (got {self.max_seq_len})")
-        if self.device_type not in ("", "cuda", "cpu", "mps"):
-            raise NanochatError(f"--device-type {self.device_type!r} is unknown: use cuda, cpu, mps or leave empty")
-        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
-            raise NanochatError(f"--window-pattern {self.window_pattern!r} may only contain S and L")
-        if self.fp8_recipe != "tensorwise":
-            raise NanochatError(f"--fp8-recipe {self.fp8_recipe!r} is not implemented: use --fp8-recipe tensorwise")
-        if self.num_iterations <= 0 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
-            raise NanochatError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
-        if not 0 <= self.warmdown_ratio <= 1:
-            raise NanochatError(f"--warmdown-ratio must be in [0, 1] (got {self.warmdown_ratio})")
-        if self.total_batch_size != -1 and self.total_batch_size < 1:
-            raise NanochatError(f"--total-batch-size must be positive or -1 for auto (got {self.total_batch_size})")
-        if self.data not in ("parquet", "synthetic"):
-            raise NanochatError(f"--data {self.data!r} is unknown: use parquet or synthetic")
-        if self.total_batch_size > 0 and world_size is not None:
-            check_batch_divisible(self.total_batch_size, self.device_batch_size, self.max_seq_len, world_size)
-
-    @property
-    def tag(self) -> str:
-        return self.model_tag if self.model_tag else f"d{self.depth}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BaseTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise NanochatError(f"unknown BaseTrainConfig keys {sorted(unknown)}")
-        return cls(**d)
-
-
-def check_batch_divisible(total_batch_size: int, device_batch_size: int, max_seq_len: int, world_size: int) -> int:
-    """Gradient accumulation steps, or a NanochatError naming the flags when the batch does not divide."""
-    world_tokens = device_batch_size * max_seq_len * world_size
-    if total_batch_size % world_tokens != 0:
-        raise NanochatError(
-            f"total_batch_size ({total_batch_size}) must be a multiple of {world_tokens} "
-            f"(--device-batch-size {device_batch_size} x --max-seq-len {max_seq_len} x {world_size} workers): "
-            f"change --total-batch-size, --device-batch-size or the number of workers"
-        )
-    return total_batch_size // world_tokens
-
-
-# -----------------------------------------------------------------------------
-# Model shape from depth, and the scaling-law derivations (horizon, batch, LR, weight decay)
-
-
-def build_model_meta(cfg: BaseTrainConfig, vocab_size: int, depth: int | None = None):
-    """GPT on the meta device (shapes only) for `depth` (default cfg.depth)."""
-    from nanochat.gpt import GPT, GPTConfig
-
-    depth = cfg.depth if depth is None else depth
-    # width rounds up to a whole number of heads, so the head dim is exactly cfg.head_dim
-    model_dim = -(-depth * cfg.aspect_ratio // cfg.head_dim) * cfg.head_dim
-    n_head = model_dim // cfg.head_dim
-    config = GPTConfig(
-        sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
-        n_embd=model_dim, window_pattern=cfg.window_pattern,
-    )  # fmt: skip
-    with torch.device("meta"):
-        return GPT(config)
-
-
-def scaling_params(model) -> int:
-    """Parameters that define the horizon: transformer matrices + lm_head (upstream's cleanest scaling fit)."""
-    counts = model.num_scaling_params()
-    return counts["transformer_matrices"] + counts["lm_head"]
-
-
-@dataclass
-class Plan:
-    """Everything derived from the config and the model before the first step."""
-
-    num_scaling_params: int
-    target_tokens: int
-    d_ref: float
-    total_batch_size: int
-    auto_batch: bool
-    batch_lr_scale: float
-    weight_decay: float
-    num_iterations: int
-    horizon_source: str
-    flops_per_token: float
-    grad_accum_steps: int
-
-
-def derive_plan(
-    cfg: BaseTrainConfig, num_scaling_params: int, d12_scaling_params: int, flops_per_token: float, world_size: int
-) -> Plan:
-    """Upstream's scaling rules (spec §6.4, §10.1 step 11-12), as a pure function."""
-    target_tokens = int(cfg.target_param_data_ratio * num_scaling_params)
-    d_ref = cfg.target_param_data_ratio * d12_scaling_params
-    total = cfg.total_batch_size
-    auto = total == -1
-    if auto:  # Power Lines: B_opt ∝ D^0.383, snapped to a power of two
-        total = 2 ** round(math.log2(B_REF * (target_tokens / d_ref) ** 0.383))
-    batch_lr_scale = (total / B_REF) ** 0.5  # η ∝ √(B/B_ref)
-    # T_epoch rule: λ = λ_ref · √(B/B_ref) · (D_ref/D)
-    weight_decay = cfg.weight_decay * math.sqrt(total / B_REF) * (d_ref / target_tokens)
-    if cfg.num_iterations > 0:
-        num_iterations, source = cfg.num_iterations, "user"
-    elif cfg.target_flops > 0:
-        num_iterations, source = round(cfg.target_flops / (flops_per_token * total)), "flops"
-    else:
-        num_iterations, source = target_tokens // total, "ratio"
-    grad_accum = check_batch_divisible(total, cfg.device_batch_size, cfg.max_seq_len, world_size)
-    return Plan(num_scaling_params, target_tokens, d_ref, total, auto, batch_lr_scale, weight_decay,
-                num_iterations, source, flops_per_token, grad_accum)  # fmt: skip
-
-
-def plan_for(cfg: BaseTrainConfig, vocab_size: int, world_size: int, model=None) -> Plan:
-    """derive_plan from meta-device models (cheap; used by the driver to validate before any worker starts)."""
-    model = model if model is not None else build_model_meta(cfg, vocab_size)
-    d12 = build_model_meta(cfg, vocab_size, depth=12)
-    return derive_plan(cfg, scaling_params(model), scaling_params(d12), model.estimate_flops(), world_size)
-
-
-def print_plan(cfg: BaseTrainConfig, plan: Plan, param_counts: dict) -> None:
-    """The derivation lines upstream prints, in its order."""
-    print0("Parameter counts:")
-    for key, value in param_counts.items():
-        print0(f"{key:24s}: {value:,}")
-    print0(f"Estimated FLOPs per token: {plan.flops_per_token:e}")
-    if plan.auto_batch:
-        print0(f"Auto-computed optimal batch size: {plan.total_batch_size:,} tokens")
-    if plan.total_batch_size != B_REF:
-        print0(f"Scaling LRs by {plan.batch_lr_scale:.4f} for batch size {plan.total_batch_size:,} (reference: {B_REF:,})")
-    if plan.weight_decay != cfg.weight_decay:
-        print0(f"Scaling weight decay from {cfg.weight_decay:.6f} to {plan.weight_decay:.6f} for depth {cfg.depth}")
-    how = {"user": "Using user-provided number of iterations", "flops": "Calculated number of iterations from "
-           "target FLOPs", "ratio": "Calculated number of iterations from target data:param ratio"}[plan.horizon_source]
-    print0(f"{how}: {plan.num_iterations:,}")
-    total_tokens = plan.total_batch_size * plan.num_iterations
-    print0(f"Total number of training tokens: {total_tokens:,}")
-    print0(f"Tokens : Scaling params ratio: {total_tokens / plan.num_scaling_params:.2f}")
-    print0(f"Total training FLOPs estimate: {plan.flops_per_token * total_tokens:e}")
-
-
-# -----------------------------------------------------------------------------
-# Schedules (spec §6.5): pure functions of the step
-
-
-def lr_multiplier(it: int, num_iterations: int, warmup_steps: int, warmdown_ratio: float, final_lr_frac: float):
-    warmdown = round(warmdown_ratio * num_iterations)
-    if it < warmup_steps:
-        return (it + 1) / warmup_steps
-    if it <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - it) / warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(it: int, num_iterations: int, warmdown_ratio: float) -> float:
-    warmdown = round(warmdown_ratio * num_iterations)
-    warmdown_start = num_iterations - warmdown
-    if it < 400:  # 0.85 -> 0.97 over the first 400 steps
-        return 0.85 + (0.97 - 0.85) * it / 400
-    if it >= warmdown_start:  # 0.97 -> 0.90 during the LR warmdown
-        return 0.97 + (0.90 - 0.97) * (it - warmdown_start) / warmdown
-    return 0.97
-
-
-def muon_weight_decay(it: int, num_iterations: int, weight_decay: float) -> float:
-    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))  # cosine to 0
-
-
-# -----------------------------------------------------------------------------
-# The sink: how a launcher observes and steers the loop without the library knowing about it
-
-
-PENDING = {"pending": True}  # what a TrainSink's core_metric / chat_metric returns after an asynchronous launch
-
-
-class TrainSink:
-    """Hooks called by `train()`. The defaults do nothing, which is the single-process behaviour.
-
-    Every hook is called on every rank at the same points of the loop, so an implementation may use collectives
-    (ray.train.report is one: every rank must call it equally often).
-    """
-
-    def resume_step(self, checkpoint_dir: str) -> int | None:
-        """Step to resume from (overrides --resume-from-step), or None to follow the config."""
-        return None
-
-    def train_loader(self, cfg, tokenizer, device, resume_state: dict | None):
-        """An iterator of (inputs, targets, state_dict) to use instead of the library's loader, or None."""
-        return None
-
-    def on_step(self, step: int, metrics: dict) -> None:
-        """After each optimizer step (`step` = number of steps done)."""
-
-    def on_eval(self, step: int, metrics: dict) -> None:
-        """After a validation / CORE evaluation."""
-
-    def on_checkpoint(self, step: int, checkpoint_dir: str, metrics: dict) -> None:
-        """After every rank finished writing the checkpoint of `step` (it is complete on storage)."""
-
-    def core_metric(self, model, tokenizer, device, step: int, max_per_task: int) -> dict | None:
-        """Compute or launch the CORE metric of the model at `step` (called on every rank).
-
-        None: evaluate in-process with the library's evaluate_core (a collective over all ranks). A dict with
-        "core_metric": the result. PENDING: launched asynchronously; the result arrives later via finished_evals."""
-        return None
-
-    def chat_metric(self, cfg, model, tokenizer, device, step: int, batch_size: int) -> dict | None:
-        """SFT's in-loop chat evaluation: {task: accuracy}, None (in-process), or PENDING (see core_metric)."""
-        return None
-
-    def finished_evals(self, wait: bool = False) -> list[tuple[str, int, dict]]:
-        """Asynchronous evaluations finished since the last call, as (kind "core" | "chat", step, results).
-
-        Polled after every optimizer step, so it must never block unless `wait` (end of training: wait for all
-        of them). Called on every rank; only the rank that launched them returns results, so the loop's
-        reporting of those results (print, wandb, on_eval) runs on that rank only and uses no collectives."""
-        return []
-
-    def checkpoint_meta(self) -> dict:
-        """Extra keys for the checkpoint meta (e.g. which launcher run wrote it)."""
-        return {}
-
-
-# -----------------------------------------------------------------------------
-# Data: the library's loaders, and a seeded synthetic stream whose batches do not depend on the world size
-
-
-def synthetic_loader(B: int, T: int, vocab_size: int, seed: int, rank: int, world: int, device, state=None):
-    """Yields (inputs, targets, state). Row g of the global stream is random tokens from generator seed+g.
-
-    Micro-step k of rank r holds global rows [row0 + (k*W + r)*B, ... + B), so the rows of one optimizer step are
-    the same for (W workers, A accumulation steps) and (W*A workers, 1 step). state = {"row": the global row after
-    this batch's micro-step group}; a loader resumed from it continues with the next batch (any world size).
-    """
-    if state is not None and "ranks" in state:
-        state = state["ranks"][0]  # the position is global: every rank's entry holds the same row
-    row0 = 0 if state is None else int(state["row"])
-    gen = torch.Generator()
-    k = 0
-    while True:
-        group_row = row0 + k * world * B
-        rows = []
-        for i in range(B):
-            gen.manual_seed(seed * 1_000_003 + group_row + rank * B + i)
-            rows.append(torch.randint(0, vocab_size, (T + 1,), generator=gen))
-        batch = torch.stack(rows).to(device)
-        state = {"row": group_row + world * B, "epoch": 1, "pq_idx": 0, "rg_idx": 0}
-        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), state
-        k += 1
-
-
-def _make_loaders(cfg, tokenizer, vocab_size, device, rank, world, resume_state, sink):
-    """(train iterator of (x, y, state), function building a fresh val iterator of (x, y))."""
-    B, T = cfg.device_batch_size, cfg.max_seq_len
-    if cfg.data == "synthetic":
-        train = synthetic_loader(B, T, vocab_size, cfg.seed, rank, world, device, resume_state)
-        val = lambda: ((x, y) for x, y, _ in synthetic_loader(B, T, vocab_size, cfg.seed + 1, rank, world, device))
-    else:
-        from nanochat.dataloader import (
-            tokenizing_distributed_data_loader_bos_bestfit,
-            tokenizing_distributed_data_loader_with_state_bos_bestfit,
-        )
-
-        train = None
-        if sink is not None:
-            train = sink.train_loader(cfg, tokenizer, device, resume_state)
-        if train is None:
-            train = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-                tokenizer, B, T, split="train", device=device, resume_state_dict=resume_state
-            )
-        val = lambda: tokenizing_distributed_data_loader_bos_bestfit(tokenizer, B, T, split="val", device=device)
-    return train, val
-
-
-def _load_tokenizer(cfg, device):
-    """(tokenizer or None, token_bytes, vocab_size). Synthetic data may run without a trained tokenizer."""
-    if cfg.data == "synthetic" and cfg.vocab_size > 0:
-        return None, torch.ones(cfg.vocab_size, dtype=torch.int32, device=device), cfg.vocab_size
-    from nanochat.tokenizer import get_token_bytes, get_tokenizer
-
-    tokenizer = get_tokenizer()
-    return tokenizer, get_token_bytes(device=device), tokenizer.get_vocab_size()
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: nanochat's layout, plus world-size-aware resume
-
-
-def checkpoint_dir_for(cfg: BaseTrainConfig) -> str:
-    from nanochat import storage
-
-    return storage.join(get_base_dir(), "base_checkpoints", cfg.tag)
-
-
-def _saved_world_size(checkpoint_dir: str, step: int, meta: dict) -> int:
-    """World size that wrote a checkpoint: meta's record (ours), else the number of optimizer shards (upstream)."""
-    if meta.get("world_size"):
-        return int(meta["world_size"])
-    from nanochat import storage
-
-    prefix = f"optim_{step:06d}_rank"
-    return max(1, sum(1 for n in storage.listdir(checkpoint_dir) if n.startswith(prefix)))
-
-
-def load_optimizer_for_world(optimizer, checkpoint_dir: str, step: int, meta: dict, device, rank: int, world: int):
-    """Load this rank's optimizer state; re-shard it when the checkpoint was written by a different world size."""
-    from nanochat import checkpoint_manager as cm
-    from nanochat.optim import load_resharded_state_dict
-
-    saved = _saved_world_size(checkpoint_dir, step, meta)
-    if saved == world:
-        optimizer.load_state_dict(cm._load_torch(cm.optim_path(checkpoint_dir, step, rank), device))
-        return
-    print0(f"Re-sharding optimizer state from {saved} to {world} ranks")
-    shards = [cm._load_torch(cm.optim_path(checkpoint_dir, step, r), device) for r in range(saved)]
-    load_resharded_state_dict(optimizer, shards)
 
 
 # -----------------------------------------------------------------------------
@@ -463,6 +112,13 @@ class _Run:
         print0(f"Vocab size: {self.vocab_size:,}")
         self._build_model()
         self._setup_optimizer_and_state()
+        from nanochat.checkpoint_saver import Checkpointing
+
+        self.ckpt = Checkpointing(self.checkpoint_dir, self.rank, self.device, self.sink, self.step,
+                                  resumed=self.meta is not None, save_every=cfg.save_every,
+                                  save_every_minutes=cfg.save_every_minutes, keep=cfg.keep_checkpoints,
+                                  background=bool(cfg.background_save),
+                                  protect=lambda: {s for _, s in self.pending_evals})  # fmt: skip
 
     def _init_wandb(self):
         if self.cfg.run == "dummy" or not self.master:
@@ -472,22 +128,9 @@ class _Run:
         return wandb.init(project="nanochat", name=self.cfg.run, config=self.cfg.to_dict())
 
     def _print_attention_backend(self):
-        try:
-            from nanochat.flash_attention import USE_FA3
-        except ImportError:
-            USE_FA3 = False
-        if USE_FA3:
-            print0("✓ Using Flash Attention 3: efficient, new and awesome.")
-            return
-        print0("!" * 80)
-        print0("WARNING: Flash Attention 3 not available, using PyTorch SDPA fallback")
-        print0("WARNING: Training will be less efficient without FA3")
-        if self.cfg.window_pattern != "L":
-            print0(f"WARNING: SDPA has no support for sliding window attention (window_pattern="
-                   f"'{self.cfg.window_pattern}'). Your GPU utilization will be terrible.")
-            print0("WARNING: Recommend using --window-pattern L for full context attention without alternating "
-                   "sliding window patterns.")
-        print0("!" * 80)
+        from nanochat.flash_attention import describe_backend
+
+        print0(describe_backend())  # looks FA3 up now, before torch.compile traces the model
 
     def _build_model(self):
         cfg = self.cfg
@@ -512,8 +155,12 @@ class _Run:
         if cfg.fp8:
             self._convert_fp8(model)
         self.orig_model = model  # uncompiled: saving, sampling, CORE
-        use_compile = cfg.compile == 1 or (cfg.compile == -1 and self.device_type == "cuda")
-        self.model = torch.compile(model, dynamic=False) if use_compile else model
+        plan = plan_for(cfg, self.vocab_size, self.world, model=model)  # eager-time estimate: compile or not
+        eager_s = plan.flops_per_token * plan.total_batch_size * plan.num_iterations / self.world / (
+            self.peak.value * CPU_EAGER_MFU)
+        self.use_compile, why = compile_choice(cfg.compile, self.device_type, eager_s)
+        print0(f"torch.compile: {'on' if self.use_compile else 'off'} ({why})")
+        self.model = torch.compile(model, dynamic=False) if self.use_compile else model
 
     def _convert_fp8(self, model):
         if self.device_type != "cuda":
@@ -539,7 +186,7 @@ class _Run:
         s = self.plan.batch_lr_scale
         self.optimizer = self.orig_model.setup_optimizer(
             unembedding_lr=cfg.unembedding_lr * s, embedding_lr=cfg.embedding_lr * s, scalar_lr=cfg.scalar_lr * s,
-            matrix_lr=cfg.matrix_lr * s, weight_decay=self.plan.weight_decay,
+            matrix_lr=cfg.matrix_lr * s, weight_decay=self.plan.weight_decay, compile=self.use_compile or None,
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
         if self.scaler is not None:
@@ -547,12 +194,15 @@ class _Run:
         data_state = None
         self.step, self.val_bpb, self.min_val_bpb = 0, None, float("inf")
         self.core_history = []  # (step, CORE metric) of this run, in the order the results arrived
+        self.pending_evals = set()  # (kind, step) launched asynchronously and not reported yet
+        self.lost_evals = []  # (kind, step) the previous worker group never reported: relaunched at the start
         self.smooth_loss, self.total_time = 0.0, 0.0
         if self.meta is not None:
             meta = self.meta
             load_optimizer_for_world(self.optimizer, self.checkpoint_dir, self.resume_step, meta, self.device,
                                      self.rank, self.world)
             self.step, self.val_bpb = meta["step"], meta.get("val_bpb")
+            self.lost_evals = [tuple(e) for e in meta.get("pending_evals", [])]
             loop = meta["loop_state"]
             self.min_val_bpb = loop["min_val_bpb"]
             self.smooth_loss, self.total_time = loop["smooth_train_loss"], loop["total_training_time"]
@@ -600,11 +250,31 @@ class _Run:
                 results = evaluate_core(self.orig_model, self.tokenizer, self.device,
                                         max_per_task=cfg.core_metric_max_per_task)
         self.model.train()
-        if not results.get("pending"):  # else launched asynchronously: collect_evals reports it when ready
-            self.report_core(self.step, results)
+        if results.get("pending"):  # launched asynchronously: collect_evals reports it when ready
+            self.pending_evals.add(("core", self.step))
+            return True
+        self.report_core(self.step, results)
+        return False
+
+    def relaunch_lost_evals(self):
+        """Asynchronous evaluations the previous worker group launched and never reported (their tasks died with
+        it): launch them again from their step's checkpoint (saved because of them, and kept by retention)."""
+        from nanochat.checkpoint_manager import complete_steps
+
+        for kind, step in self.lost_evals:
+            if kind != "core" or step == self.step:
+                continue  # an evaluation of the step we resume from runs again in the loop anyway
+            if step in complete_steps(self.checkpoint_dir) and self.sink.relaunch_eval(
+                    kind, step, self.checkpoint_dir, self.device, {"max_per_task": self.cfg.core_metric_max_per_task}):
+                print0(f"Step {step:05d} | CORE evaluation relaunched after a restart")
+                self.pending_evals.add((kind, step))
+            else:
+                print0(f"WARNING: the step-{step} CORE evaluation was lost in a restart and cannot be relaunched")
+        self.lost_evals = []
 
     def report_core(self, step: int, results: dict):
         """Print / log / hand to the sink the CORE result of the model at `step` (maybe a later step's news)."""
+        self.pending_evals.discard(("core", step))
         self.core_history.append((step, results["core_metric"]))
         late = f" (ready at step {self.step})" if step != self.step else ""
         print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}{late}")
@@ -633,9 +303,8 @@ class _Run:
             print0(self.tokenizer.decode(sample[0]))
         self.model.train()
 
-    def save(self):
-        from nanochat.checkpoint_manager import save_checkpoint
-
+    def make_save(self, why: str):
+        """What Checkpointing saves now: (model state, optimizer state, meta, on_complete). Every rank."""
         # every rank's data position, so a resume with the same world size continues each rank's own stream
         states = [self.consumed_state]
         if self.ddp and is_ddp_initialized():
@@ -654,13 +323,15 @@ class _Run:
                            "total_training_time": self.total_time},
             "world_size": self.world,
             "dataloader_state_dicts": states,
+            "pending_evals": sorted(self.pending_evals),  # relaunched after a restart from this checkpoint
             **self.sink.checkpoint_meta(),
         }
-        save_checkpoint(self.checkpoint_dir, self.step, self.orig_model.state_dict(), self.optimizer.state_dict(),
-                        meta, rank=self.rank)
-        if self.ddp and is_ddp_initialized():
-            dist.barrier()  # the step is complete on storage for everyone before anyone announces it
-        self.sink.on_checkpoint(self.step, self.checkpoint_dir, {"step": self.step, "val_bpb": self.val_bpb})
+        step, val_bpb = self.step, self.val_bpb
+
+        def on_complete(_):  # every rank, once the step is complete on storage (maybe a few steps later)
+            self.sink.on_checkpoint(step, self.checkpoint_dir, {"step": step, "val_bpb": val_bpb})
+
+        return self.orig_model.state_dict(), self.optimizer.state_dict(), meta, on_complete
 
     def _flops_so_far(self, step: int | None = None):
         return self.plan.flops_per_token * self.plan.total_batch_size * (self.step if step is None else step)
@@ -760,6 +431,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
     cfg.validate()
     run = _Run(cfg, sink)
     plan, start_step = run.plan, run.step
+    run.relaunch_lost_evals()
     losses, tok_rates, mfus, dts = [], [], [], []
     gc_was_enabled = gc.isenabled()
     try:
@@ -767,14 +439,13 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
             last = run.step == plan.num_iterations  # one extra pass so the last step evaluates and saves
             if cfg.eval_every > 0 and (last or run.step % cfg.eval_every == 0):
                 run.evaluate_val()
+            force = None
             if cfg.core_metric_every > 0 and (last or (run.step > 0 and run.step % cfg.core_metric_every == 0)):
-                run.evaluate_core()
+                if run.evaluate_core():
+                    force = "eval"  # its weights must survive a restart, to relaunch the evaluation
             if cfg.sample_every > 0 and run.master and (last or (run.step > 0 and run.step % cfg.sample_every == 0)):
                 run.sample()
-            periodic = cfg.save_every > 0 and run.step % cfg.save_every == 0
-            resumed_at_end = last and run.step == start_step and run.meta is not None  # already saved
-            if (last and not resumed_at_end) or (run.step > 0 and run.step != start_step and periodic):
-                run.save()
+            run.ckpt.before_step(run.step, last, run.make_save, force=force)
             if last:
                 break
             loss_f, lrm, dt = run.train_step()
@@ -785,6 +456,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
             dts.append(dt)
             first_step_of_run = run.step == start_step
             run.step += 1
+            run.ckpt.after_step(run.step)  # completes a background save whose shards all landed (non-blocking)
             run.collect_evals()  # asynchronous CORE results that are ready (non-blocking poll)
             run.sink.on_step(run.step, metrics)
             # The cyclic GC pauses for long scans of setup garbage; upstream freezes it after the first step.
@@ -798,6 +470,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         gc.unfreeze()
         if gc_was_enabled:
             gc.enable()
+    run.ckpt.close()  # the final checkpoint is complete (and announced) before the run reports its result
     run.collect_evals(wait=True)  # the final CORE (launched at the last step) is always reported
     if run.device_type == "cuda":
         print0(f"Peak memory usage: {torch.cuda.max_memory_allocated() / 1024 / 1024:.2f}MiB")
@@ -817,6 +490,7 @@ def train(cfg: BaseTrainConfig, sink: TrainSink | None = None) -> dict:
         "step_times": dts, "flops_per_token": plan.flops_per_token, "peak_flops": run.peak.value,
         "core_metrics": sorted(run.core_history),
         "core_metric": max(run.core_history)[1] if run.core_history else None,  # the latest step's
+        "save_stalls": run.ckpt.stalls, "saved_steps": run.ckpt.saver.saved_steps,
     }  # fmt: skip
     compute_cleanup()
     return result

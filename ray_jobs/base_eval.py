@@ -53,9 +53,9 @@ def parse_args(argv=None):
 
 
 def read_meta(ref: ModelRef) -> dict:
-    from nanochat.checkpoint_manager import meta_path
+    from nanochat.checkpoint_manager import load_meta
 
-    return json.loads(storage.read_bytes(meta_path(ref.checkpoint_dir, ref.step)))
+    return load_meta(ref.checkpoint_dir, ref.step)
 
 
 def plan(args, meta: dict) -> tuple[list, list]:

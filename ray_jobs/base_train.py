@@ -35,11 +35,16 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
         from nanochat.tokenizer import get_tokenizer
 
         vocab_size = get_tokenizer().get_vocab_size()
-    for world in tc.world_sizes(cluster):  # batch divisibility for every world size the run may take
-        plan_for(cfg, vocab_size, world)
+    # batch divisibility for every world size the run may take
+    tc.check_world_sizes(cluster, lambda world: plan_for(cfg, vocab_size, world))
     from nanochat.common import get_base_dir
 
     tc.check_storage(get_base_dir(), *([cluster.storage or tc.default_storage()] if cluster.num_workers else []))
+    if cfg.resume_from_step != -1:  # a damaged file: one line here, not a traceback from every worker
+        from nanochat.checkpoint_manager import check_checkpoint
+        from nanochat.train import checkpoint_dir_for
+
+        check_checkpoint(checkpoint_dir_for(cfg), cfg.resume_from_step, optimizer=True)
     return cfg, use_gpu, cluster.name or f"base_train-{cfg.tag}"
 
 

@@ -27,13 +27,15 @@ def parse_args(argv=None) -> tuple[RLConfig, tc.ClusterArgs]:
 def prepare(cfg: RLConfig, cluster: tc.ClusterArgs) -> tuple[RLConfig, bool, str]:
     """Validate everything that can be checked before Ray starts. Returns (cfg for the workers, use_gpu, run name)."""
     tc.validate_cluster(cluster)
-    for world in tc.world_sizes(cluster):
-        cfg.validate(world)
+    tc.check_world_sizes(cluster, cfg.validate)
     use_gpu = tc.resolve_use_gpu(cluster, cfg.device_type) if cluster.num_workers > 0 else False
     cluster.ray_data_actors = 0  # RL samples from the task, not the pretraining shards: no tokenizer actors
     if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
         cfg.device_type = "cpu"  # workers must not autodetect a GPU that Ray did not assign to them
     sft_dir, sft_step = resolve_sft_checkpoint(cfg.model_tag, cfg.model_step)  # names chat_sft when missing
+    from nanochat.checkpoint_manager import check_checkpoint
+
+    check_checkpoint(sft_dir, sft_step)  # a damaged file: one line here, not a traceback from every worker
     print(f"SFT checkpoint: {sft_dir} step {sft_step}")
     train_task, _ = load_tasks(cfg.task)  # downloads (or finds offline) the task data once, here
     print(f"RL task {cfg.task}: {len(train_task)} training examples, {num_steps_for(cfg, len(train_task))} steps")

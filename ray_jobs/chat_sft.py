@@ -23,10 +23,7 @@ def parse_args(argv=None) -> tuple[SFTConfig, tc.ClusterArgs]:
 
 def prepare(cfg: SFTConfig, cluster: tc.ClusterArgs) -> tuple[SFTConfig, bool, str]:
     """Checks before Ray starts: flags, the base checkpoint exists, batch divisibility, storage."""
-    import json
-
-    from nanochat import storage
-    from nanochat.checkpoint_manager import _resolve, checkpoints_dir_for, meta_path
+    from nanochat.checkpoint_manager import _resolve, check_checkpoint, checkpoints_dir_for
     from nanochat.common import get_base_dir
     from nanochat.sft import INHERITED
 
@@ -36,14 +33,14 @@ def prepare(cfg: SFTConfig, cluster: tc.ClusterArgs) -> tuple[SFTConfig, bool, s
     if cluster.num_workers > 0 and not use_gpu and not cfg.device_type:
         cfg.device_type = "cpu"
     checkpoint_dir, step = _resolve(checkpoints_dir_for("base"), cfg.model_tag, cfg.model_step)
-    meta = json.loads(storage.read_bytes(meta_path(checkpoint_dir, step)))
+    # a damaged file: one line here, not a traceback from every worker
+    meta = check_checkpoint(checkpoint_dir, step, optimizer=bool(cfg.load_optimizer))
     resolved = {name: getattr(cfg, name) if getattr(cfg, name) is not None else meta.get(name, fallback)
                 for name, fallback, where in INHERITED if where == "meta"}
     from nanochat.train import check_batch_divisible
 
-    for world in tc.world_sizes(cluster):
-        check_batch_divisible(resolved["total_batch_size"], resolved["device_batch_size"], resolved["max_seq_len"],
-                              world)
+    tc.check_world_sizes(cluster, lambda world: check_batch_divisible(
+        resolved["total_batch_size"], resolved["device_batch_size"], resolved["max_seq_len"], world))
     tc.check_storage(get_base_dir(), *([cluster.storage or tc.default_storage()] if cluster.num_workers else []))
     tag = cfg.model_tag or checkpoint_dir.rstrip("/").split("/")[-1]
     return cfg, use_gpu, cluster.name or f"chat_sft-{tag}"

@@ -14,6 +14,9 @@ there, so a wrong address fails in seconds with a message naming the fix (Ray it
 
 Token auth (on by default in Ray 2.60): `ray.init` finds the token itself (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
 ~/.ray/auth_token). An AuthenticationError is turned into a message that says where the token goes.
+
+`dashboard_hint(info)` is the line a driver prints at start: where the dashboard is, that it asks for a token and
+which command prints it, and whether its time-series charts can work (they need Prometheus and Grafana).
 """
 
 import os
@@ -151,6 +154,35 @@ def _info(address: str, started_here: bool, seconds: float) -> ClusterInfo:
         num_nodes=len(nodes),
         resources={k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
     )
+
+
+def _token_auth_enabled() -> bool:
+    try:  # the mode this process runs with (env, or enabled by default for a new local cluster)
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        return bool(is_token_auth_enabled())
+    except Exception:  # moved in another Ray version: the documented default
+        return os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+
+
+def dashboard_hint(info: ClusterInfo, token_auth: bool | None = None) -> str | None:
+    """One line: the dashboard's URL, how to get its token, and whether its charts have Prometheus/Grafana."""
+    if not info.dashboard_url:
+        return None
+    url = info.dashboard_url if "://" in info.dashboard_url else f"http://{info.dashboard_url}"
+    token_auth = _token_auth_enabled() if token_auth is None else token_auth
+    if info.embedded:
+        where = f"dashboard {url}"
+        token = "it asks for a token: `ray get-auth-token` prints it" if token_auth else ""
+    else:
+        where = (f"dashboard {url} on the head (from your machine: `ray dashboard CLUSTER.yaml`, or "
+                 f"`kubectl port-forward svc/<cluster>-head-svc 8265`)")  # fmt: skip
+        token = "token: `ray get-auth-token` on the head" if token_auth else ""
+    charts = ""
+    if not (os.environ.get("RAY_PROMETHEUS_HOST") and os.environ.get("RAY_GRAFANA_HOST")):
+        charts = ("time-series charts need Prometheus + Grafana (RAY_PROMETHEUS_HOST, RAY_GRAFANA_HOST; "
+                  "cluster/README.md, Watch)")  # fmt: skip
+    return " | ".join(part for part in (where, token, charts) if part)
 
 
 def shutdown(info: ClusterInfo | None) -> None:

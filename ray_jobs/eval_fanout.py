@@ -69,11 +69,18 @@ class ModelRef:
 
         A missing checkpoint raises CheckpointNotFoundError naming the command that creates it."""
         from nanochat import storage
-        from nanochat.checkpoint_manager import checkpoints_dir_for, find_largest_model, find_last_step
+        from nanochat.checkpoint_manager import (
+            check_checkpoint,
+            checkpoints_dir_for,
+            find_largest_model,
+            find_last_step,
+        )
 
         root = checkpoints_dir_for(source)
         checkpoint_dir = storage.join(root, model_tag or find_largest_model(root))
-        return cls(checkpoint_dir=checkpoint_dir, step=find_last_step(checkpoint_dir) if step is None else step)
+        step = find_last_step(checkpoint_dir) if step is None else step
+        check_checkpoint(checkpoint_dir, step)  # a damaged file: one line here, before any worker loads it
+        return cls(checkpoint_dir=checkpoint_dir, step=step)
 
     @classmethod
     def from_model(cls, model) -> "ModelRef":

@@ -16,8 +16,12 @@ Sections (every key of every section can be overridden; unknown keys are rejecte
   chat_eval   `ray_jobs.chat_eval` flags (tasks joined by |, problems per task, ...)
   chat_rl     any field of the RL config (`nanochat.rl`); enabled=False skips the stage
   ray         workers and resources: nodes x gpus_per_node (GPU presets) or num_workers (-1 = every GPU of the
-              cluster), cpus_per_worker, use_gpu,
-              max_failures, report_every, eval_shards_per_task, embedded-cluster num_cpus / dashboard
+              cluster), min_workers (elastic), cpus_per_worker, use_gpu, max_failures / max_preemption_failures
+              (separate retry budgets), report_every, eval_shards_per_task, embedded-cluster num_cpus / dashboard
+
+Checkpoints: GPU presets save every GPU_SAVE_EVERY_MINUTES minutes (`save_every_minutes`, converted to steps from
+the measured step time) and keep the newest 2 plus the final one (`keep_checkpoints`); a preemption notice adds a
+just-in-time checkpoint. The CPU preset saves every CPU_SAVE_EVERY_MINUTES (bench/bench_checkpoint.py: < 2%).
 
 GPU presets mirror upstream's runs/speedrun.sh (d24, ratio 8, FP8, device batch 16) and runs/miniseries.sh (a depth
 sweep); they scale to any number of 8-GPU nodes because the global batch is fixed in tokens and gradient
@@ -30,6 +34,11 @@ import json
 from nanochat.common import NanochatError
 
 SECTIONS = ("data", "tokenizer", "base_train", "base_eval", "chat_sft", "chat_eval", "chat_rl", "ray")
+GPU_SAVE_EVERY_MINUTES = 15.0  # a spot reclaim without notice loses at most this much work
+# the CPU preset's ~7-minute pretraining: ~7 saves off the loop; bench/bench_checkpoint.py: 0.06 s blocked per save
+# in the background (0.37 s synchronous), i.e. ~0.1% of the run
+CPU_SAVE_EVERY_MINUTES = 1.0
+_GPU_CKPT = {"save_every_minutes": GPU_SAVE_EVERY_MINUTES, "keep_checkpoints": 2}
 
 
 def _ray(**kw) -> dict:
@@ -39,7 +48,10 @@ def _ray(**kw) -> dict:
         "gpus_per_node": 8,
         "cpus_per_worker": -1.0,  # -1 = auto (CPU: all CPUs split across workers; GPU: 4 per worker)
         "use_gpu": "auto",  # auto | 1 | 0
-        "max_failures": 3,  # Train worker-group restarts (-1 = infinite, e.g. spot nodes)
+        "max_failures": 3,  # restarts after real failures (crashes, lost nodes); bounded, so a bug cannot loop
+        "max_preemption_failures": -1,  # restarts after preemptions (drain notices), counted apart (-1 = infinite)
+        "min_workers": -1,  # elastic: continue on as few as this many workers after losing nodes (-1 = fixed);
+        # sizes the batch does not divide over are left out (the run may shrink less), see train_common
         "report_every": 10,  # ray.train.report every N steps
         "ray_data_actors": -1,  # -1 auto (Ray Data tokenizer actors on GPU workers, plain loader on CPU); N > 0 forces N actors
         "eval_shards_per_task": 1,  # eval fan-out: Ray tasks per CORE / chat task
@@ -85,12 +97,14 @@ def cpu() -> dict:
         tokenizer={"max_chars": 10_000_000, "vocab_size": 4096, "eval": True},
         base_train={"depth": 4, "head_dim": 64, "window_pattern": "L", "max_seq_len": 256, "device_batch_size": 16,
                     "total_batch_size": 4096, "num_iterations": 300, "eval_every": 50, "eval_tokens": 4096 * 8,
-                    "core_metric_every": -1, "sample_every": -1, "save_every": 50, "warmup_steps": 10,
-                    "time_budget_s": 420, "min_iterations": 60, "max_iterations": 1500},  # fmt: skip
+                    "core_metric_every": -1, "sample_every": -1, "save_every": -1, "warmup_steps": 10,
+                    "save_every_minutes": CPU_SAVE_EVERY_MINUTES, "time_budget_s": 420, "min_iterations": 60,
+                    "max_iterations": 1500},  # fmt: skip
         base_eval={"eval": "bpb,sample", "device_batch_size": 16, "split_tokens": 4096 * 8},
         chat_sft={"mixture": "offline", "offline_size": 20000, "device_batch_size": 16, "max_seq_len": 256,
                   "num_iterations": 150, "eval_every": -1, "eval_tokens": 4096 * 4, "chatcore_every": -1,
-                  "save_every": 50, "time_budget_s": 210, "min_iterations": 40, "max_iterations": 800},
+                  "save_every": -1, "save_every_minutes": CPU_SAVE_EVERY_MINUTES, "time_budget_s": 210,
+                  "min_iterations": 40, "max_iterations": 800},
         chat_eval={"tasks": "WordChoice|Arithmetic", "max_problems": 100, "max_new_tokens": 64, "batch_size": 16},
         ray=_ray(num_workers=1, report_every=10, eval_shards_per_task=2),
     )
@@ -117,9 +131,11 @@ def cpu_tiny() -> dict:
 def speedrun() -> dict:
     """runs/speedrun.sh: d24, data:param ratio 8, FP8, device batch 16 on every GPU of the cluster."""
     return _base(
-        base_train={"depth": 24, "target_param_data_ratio": 8, "device_batch_size": 16, "fp8": True},
+        base_train={"depth": 24, "target_param_data_ratio": 8, "device_batch_size": 16, "fp8": True, **_GPU_CKPT},
         base_eval={"device_batch_size": 16},
-        ray=_ray(nodes=1, max_failures=-1, eval_shards_per_task=8),
+        chat_sft=dict(_GPU_CKPT),
+        chat_rl=dict(_GPU_CKPT),
+        ray=_ray(nodes=1, min_workers=8, eval_shards_per_task=8),
     )
 
 
@@ -132,9 +148,11 @@ def d12() -> dict:
     """Quick GPU experiment (upstream: '~5 min pretraining' on 8xH100): d12, 8 shards, CORE capped per task."""
     return _base(
         data={"num_files": 8},
-        base_train={"depth": 12, "core_metric_every": -1, "sample_every": -1},
+        base_train={"depth": 12, "core_metric_every": -1, "sample_every": -1, **_GPU_CKPT},
         base_eval={"max_per_task": 500},
-        ray=_ray(nodes=1, max_failures=-1, eval_shards_per_task=8),
+        chat_sft=dict(_GPU_CKPT),
+        chat_rl=dict(_GPU_CKPT),
+        ray=_ray(nodes=1, min_workers=8, eval_shards_per_task=8),
     )
 
 
@@ -151,11 +169,11 @@ def miniseries() -> dict:
         data={"num_files": 1000},
         tokenizer={"eval": False},
         base_train={"depths": ",".join(str(d) for d in MINISERIES_DEPTHS), "series": "jan", "core_metric_every": 999999,
-                    "core_metric_max_per_task": -1, "sample_every": -1, "save_every": -1},  # fmt: skip
+                    "core_metric_max_per_task": -1, "sample_every": -1, "save_every": -1, **_GPU_CKPT},  # fmt: skip
         base_eval={"eval": "bpb"},
         chat_sft={"enabled": False},
         chat_eval={"enabled": False},
-        ray=_ray(nodes=1, max_failures=-1, eval_shards_per_task=8),
+        ray=_ray(nodes=1, min_workers=8, eval_shards_per_task=8),
     )
 
 

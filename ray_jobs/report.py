@@ -164,6 +164,29 @@ def stage_sections(stages: dict) -> list[str]:
     return lines
 
 
+def interruption_section(metrics: dict) -> list[str]:
+    """Every interruption of every training stage: when, why, the step resumed from and the work lost."""
+    rows, total = [], 0
+    for stage in [s for s in TRAIN_STAGES if s in metrics] + sorted(s for s in metrics if s not in TRAIN_STAGES):
+        recs = metrics[stage]
+        dts = [r["dt"] for r in recs if r.get("kind") == "train" and isinstance(r.get("dt"), (int, float))]
+        dt = sum(dts) / len(dts) if dts else None
+        for r in recs:
+            if r.get("kind") != "interruption":
+                continue
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("last_t") or r.get("t") or 0))
+            lost = r.get("steps_lost", 0)
+            total += lost
+            secs = f" (~{fmt_duration(lost * dt)})" if dt and lost else ""
+            rows.append(f"| {stage} | {when} | {r.get('cause')} | {r.get('last_step')} | {r.get('resumed_from')} | "
+                        f"{lost}{secs} | {r.get('previous_world_size')} -> {r.get('world_size')} |")
+    if not rows:
+        return []
+    return ["## Interruptions", "", f"{len(rows)} interruption(s), {total} step(s) of work lost in all.", "",
+            "| stage | time | kind | last step reached | resumed from step | work lost (steps) | workers |",
+            "|---|---|---|---|---|---|---|", *rows, ""]  # fmt: skip
+
+
 def _tok_eval_table(m: dict) -> list[str]:
     bpt = m.get("bytes_per_token") or {}
     if "Ours" not in bpt:
@@ -263,6 +286,7 @@ def render(state: dict, plot_names: list[str]) -> str:
         lines.append(f"Last invocation (Ray start-up included): {fmt_duration(last.get('seconds', 0))}")
     lines.append("")
     lines += stage_table(stages)
+    lines += interruption_section(state["metrics"])
     if plot_names:
         lines += ["## Plots", ""] + [f"![{n[:-4]}](report/{n})" for n in plot_names] + [""]
     lines += stage_sections(stages)

@@ -1,15 +1,18 @@
 """
 Compression of our tokenizer (bytes per token) on a few kinds of text, compared with GPT-2 and GPT-4 (cl100k_base).
 
-    python -m ray_jobs.tok_eval
+    python -m ray_jobs.tok_eval                   # a corrupt dataset shard is an error (exit 2)
+    python -m ray_jobs.tok_eval --skip-corrupt    # ... or skipped with a message (exit 0)
 
 Texts: short samples of news prose, Korean, Python code, LaTeX math and science prose, plus the first row group of
-the first train shard and of the val shard (when shards exist). Every text must decode back to itself.
+the first train shard and of the val shard (when shards exist; no shards at all is a skip, not an error). Every
+text must decode back to itself.
 The GPT-2 / GPT-4 encodings come from tiktoken, which downloads them once into its cache (TIKTOKEN_CACHE_DIR).
 Without a network and without that cache, each comparison prints 'skipped: encoding not available offline'.
 Runs in one process: it is a few seconds of encoding, so there is nothing to distribute.
 """
 
+import argparse
 import socket
 import sys
 
@@ -78,16 +81,22 @@ OUR_TEXTS = [("news", NEWS_TEXT), ("korean", KOREAN_TEXT), ("code", CODE_TEXT), 
 GREEN, RED, RESET = "\033[92m", "\033[91m", "\033[0m"
 
 
-def shard_texts() -> list[tuple[str, str]]:
-    """First row group of the first train shard and of the val shard, each joined into one text."""
-    from nanochat.dataset import parquets_iter_batched
+def shard_texts(skip_corrupt: bool = False) -> list[tuple[str, str]]:
+    """First row group of the first train shard and of the val shard, each joined into one text. A shard that
+    cannot be read raises its NanochatError, unless skip_corrupt (then it is skipped with a message)."""
+    from nanochat.dataset import list_parquet_files, parquets_iter_batched
 
+    if not list_parquet_files():
+        print("shards: skipped (no dataset shards: python -m nanochat.dataset -n 2)")
+        return []
     texts = []
     for split in ("train", "val"):
         try:
             docs = next(parquets_iter_batched(split=split), [])
         except NanochatError as e:
-            print(f"shard-{split}: skipped ({e})")
+            if not skip_corrupt:
+                raise NanochatError(f"{e} (or pass --skip-corrupt to evaluate without it)") from e
+            print(f"shard-{split}: SKIPPED because of --skip-corrupt: {e}")
             continue
         if docs:
             texts.append((f"shard-{split}", "\n".join(docs)))
@@ -150,10 +159,10 @@ def print_comparison(label: str, base: dict, ours: dict) -> None:
         )
 
 
-def main() -> dict:
+def main(skip_corrupt: bool = False) -> dict:
     """Returns {"vocab_sizes": {label: n}, "results": {label: {text: {bytes, tokens, ratio}}}}."""
     ours = get_tokenizer()
-    texts = OUR_TEXTS + shard_texts()
+    texts = OUR_TEXTS + shard_texts(skip_corrupt)
     results = {"Ours": measure(ours, texts)}
     vocab_sizes = {"Ours": ours.get_vocab_size()}
     for label, name in BASELINES:
@@ -172,9 +181,14 @@ def main() -> dict:
     return {"vocab_sizes": vocab_sizes, "results": results}
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m ray_jobs.tok_eval [--skip-corrupt]`; argv None = no flags (callers in Python), not sys.argv."""
+    parser = argparse.ArgumentParser(description="Compression of our tokenizer vs GPT-2 / GPT-4")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="skip a dataset shard that cannot be read (with a message) instead of failing")
+    args = parser.parse_args([] if argv is None else argv)
     try:
-        main()
+        main(skip_corrupt=args.skip_corrupt)
     except NanochatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -182,4 +196,4 @@ def cli() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(cli(sys.argv[1:]))

@@ -35,7 +35,7 @@ import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from nanochat.common import NanochatError, get_base_dir
+from nanochat.common import NanochatError, apply_gpu_env_defaults, get_base_dir, gpu_env_defaults
 from nanochat.train import TrainSink
 
 # Environment forwarded to the Ray job and its workers: storage credentials/endpoint, nanochat and wandb settings.
@@ -45,6 +45,7 @@ FORWARD_ENV_PREFIXES = ("AWS_", "NANOCHAT_", "WANDB_", "HF_", "OMP_NUM_THREADS",
 # worker's .out and .err. Workers print plainly; Ray's log monitor still forwards and stores every line once.
 TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 AUTO_RAY_DATA_ACTORS = 2  # --ray-data-actors auto on GPU: tokenizer actors (1 CPU each) per training worker
+HOLD_MARGIN_S = 120.0  # after a just-in-time checkpoint, wait this long past the drain deadline for the restart
 
 
 # -----------------------------------------------------------------------------
@@ -60,12 +61,14 @@ class ClusterArgs:
     use_gpu: str = "auto"  # auto | 1 | 0
     cpus_per_worker: float = -1  # -1 = auto (all CPUs split across workers on CPU; 4 per GPU worker)
     gpus_per_worker: float = 1
-    max_failures: int = 3  # worker-group restarts before giving up (-1 = infinite, e.g. spot fleets)
+    max_failures: int = 3  # restarts after real failures (crashes, lost nodes) before giving up (-1 = infinite)
+    max_preemption_failures: int = -1  # restarts after preemptions (drained nodes), counted apart (-1 = infinite)
     storage: str | None = None  # Ray Train run storage (default <base dir>/ray_runs); local path or s3://
     name: str | None = None  # Ray run name; resubmitting with the same name resumes (default base_train-<tag>)
     report_every: int = 10  # ray.train.report every N steps (a barrier across workers)
     address: str | None = None  # Ray address to connect to (default: RAY_ADDRESS, else a local cluster)
     ray_data_actors: int = -1  # >0: Ray Data tokenizer pool of this many actors per worker; 0: plain loader; -1: auto
+    narrow_elastic: bool = False  # elastic sizes the batch does not divide over: raise min_workers (else: an error)
 
 
 def _flag_type(annotation):
@@ -97,7 +100,10 @@ def add_cluster_flags(parser: argparse.ArgumentParser):
     g.add_argument("--use-gpu", type=str, default="auto", choices=["auto", "1", "0"], help="train on GPUs")
     g.add_argument("--cpus-per-worker", type=float, default=-1, help="CPUs per worker (-1 = auto)")
     g.add_argument("--gpus-per-worker", type=float, default=1, help="GPUs per worker when --use-gpu")
-    g.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before failing (-1 = inf)")
+    g.add_argument("--max-failures", type=int, default=3,
+                   help="restarts after real failures (crashes, lost nodes) before giving up (-1 = infinite)")
+    g.add_argument("--max-preemption-failures", type=int, default=-1,
+                   help="restarts after preemptions (a drained node), counted apart from --max-failures (-1 = inf)")
     g.add_argument("--storage", type=str, default=None, help="Ray run storage, local or s3:// (default: base dir)")
     g.add_argument("--name", type=str, default=None, help="Ray run name; the same name resumes the run")
     g.add_argument("--report-every", type=int, default=10, help="ray.train.report every N steps")
@@ -128,6 +134,8 @@ def validate_cluster(cluster: ClusterArgs):
         raise NanochatError(f"--report-every must be >= 1 (got {cluster.report_every})")
     if cluster.max_failures < -1:
         raise NanochatError(f"--max-failures must be >= -1 (got {cluster.max_failures})")
+    if cluster.max_preemption_failures < -1:
+        raise NanochatError(f"--max-preemption-failures must be >= -1 (got {cluster.max_preemption_failures})")
 
 
 def resolve_ray_data_actors(cluster: ClusterArgs, use_gpu: bool, data: str = "parquet") -> int:
@@ -148,25 +156,53 @@ def world_sizes(cluster: ClusterArgs) -> list[int]:
     return list(range(lo, cluster.num_workers + 1))
 
 
+def check_world_sizes(cluster: ClusterArgs, check) -> None:
+    """check(world) (raises NanochatError) for every world size the run may take. With cluster.narrow_elastic (the
+    speedrun's presets), sizes below num_workers that fail raise min_workers past them instead, with a log line."""
+    bad = []
+    for world in world_sizes(cluster):
+        try:
+            check(world)
+        except NanochatError:
+            if not cluster.narrow_elastic or world == cluster.num_workers:
+                raise
+            bad.append(world)
+    if bad:
+        lowest = max(bad) + 1
+        print(f"[ray] elastic: the batch does not divide over {bad} worker(s), so the run may shrink to {lowest} "
+              f"workers (not {cluster.min_workers}) of {cluster.num_workers}")
+        cluster.min_workers = lowest if lowest < cluster.num_workers else -1
+
+
 def resolve_use_gpu(cluster: ClusterArgs, device_type: str) -> bool:
+    """GPU or CPU Train workers. Joining an existing cluster (--address, RAY_ADDRESS, or Ray already initialized),
+    this connects first and asks the cluster (ray_jobs/cluster_gpus.py): a CPU-only head must not decide."""
     if device_type and device_type != "cuda":
         if cluster.use_gpu == "1":
             raise NanochatError(f"--use-gpu 1 contradicts --device-type {device_type}")
         return False
-    if cluster.use_gpu != "auto":
-        return cluster.use_gpu == "1"
-    if device_type == "cuda":
-        return True
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:  # a GPU cluster driven from a CPU-only head node
-        import ray
-
-        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    except Exception:
+    if cluster.use_gpu == "0":
         return False
+    from ray_jobs import cluster_gpus
+
+    requested = "1" if (cluster.use_gpu == "1" or device_type == "cuda") else "auto"
+    if joins_existing_cluster(cluster):
+        ray_init(cluster)
+        use_gpu, why = cluster_gpus.decide(requested, cluster_gpus.gpu_outlook())
+    else:
+        import torch
+
+        use_gpu, why = cluster_gpus.decide_local(requested, torch.cuda.is_available())
+    print(f"[ray] {why}")
+    return use_gpu
+
+
+def joins_existing_cluster(cluster: ClusterArgs) -> bool:
+    """True when the run goes to a running cluster rather than an embedded one started on this machine."""
+    import ray
+
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    return ray.is_initialized() or (bool(address) and address != "local")
 
 
 def check_storage(*locations: str):
@@ -212,6 +248,9 @@ class RaySink(TrainSink):
         self.first_step_reported = False
         self.eval_metrics = {}  # evaluation results waiting for the next report
         self.pending_evals = []  # rank 0: (kind, step, eval_fanout.EvalHandle) launched and not yet reported
+        self.resumed = None  # (step, meta["save_reason"]) of the checkpoint this worker group started from
+        self.reported_steps = []  # checkpoint steps this worker group reported to Ray, in order
+        self.steps_lost = 0  # optimizer steps lost to interruptions in this run (MetricsSink counts them)
 
     # ---- where to resume
 
@@ -232,14 +271,48 @@ class RaySink(TrainSink):
                 registered = int(pointer["step"])
         own = own_complete_steps(checkpoint_dir, self.run_name)
         newest_own = own[-1] if own else None
+        step = None
         if registered is not None and (newest_own is None or registered >= newest_own):
             print(f"[ray] resuming from registered checkpoint step {registered}")
-            return registered
-        if newest_own is not None:
+            step = registered
+        elif newest_own is not None:
             print(f"[ray] resuming from step {newest_own}: newest complete checkpoint of run {self.run_name!r} "
                   f"(registered: {registered})")
-            return newest_own
-        return None
+            step = newest_own
+        if step is not None:
+            self.resumed = (step, _meta_of(checkpoint_dir, step).get("save_reason"))
+        return step
+
+    def protected_steps(self) -> set:
+        """What a restart would resume from right now: Ray registers a reported checkpoint at the controller's next
+        poll, so until the next one is reported, the one reported before the newest (or the step this worker
+        group resumed from) may still be the registered one. Retention keeps it."""
+        if len(self.reported_steps) >= 2:
+            return {self.reported_steps[-2]}
+        return {self.resumed[0]} if self.resumed else set()
+
+    # ---- preemption (a drain notice for a node of this worker group)
+
+    checks_preemption = True
+
+    def preemption_notice(self) -> dict | None:
+        info = self.ray_train.get_preemption_info()  # a barrier: the loop calls it on every rank at agreed steps
+        if info is None:
+            return None
+        left = None if info.deadline_ms is None else round(info.deadline_ms / 1000 - time.time(), 1)
+        return {"deadline_s": left, "ranks": info.preempted_ranks, "nodes": info.preempted_node_ids}
+
+    def hold_for_preemption(self, step: int, notice: dict) -> None:
+        """The just-in-time checkpoint of `step` is complete and reported: train no further (the restart resumes
+        from it, so any later step would be lost) until Ray tears this worker group down at the drain deadline
+        (or earlier, when every rank has gone). A drain that never comes: resume training after a while."""
+        left = notice.get("deadline_s")
+        limit = time.time() + (left if left is not None else 600) + HOLD_MARGIN_S
+        print(f"[ray] rank {self.rank}: checkpoint of step {step} saved ahead of the preemption of ranks "
+              f"{notice.get('ranks')} (deadline in {left}s); waiting for the restart")
+        while time.time() < limit:
+            time.sleep(0.5)
+        print(f"[ray] rank {self.rank}: no restart {HOLD_MARGIN_S:.0f}s after the drain deadline; training on")
 
     def checkpoint_meta(self) -> dict:
         return {"launcher": {"kind": "ray", "ray_run_name": self.run_name}}
@@ -260,7 +333,7 @@ class RaySink(TrainSink):
 
     def on_step(self, step: int, metrics: dict) -> None:
         if self.gauges is not None:
-            _set_gauges(self.gauges, metrics)
+            _set_gauges(self.gauges, {**metrics, "train/steps_lost": self.steps_lost})
         if not self.first_step_reported:
             self.first_step_reported = True
             self.first_step_time = time.time()  # wall clock: the driver subtracts its own start time
@@ -270,6 +343,8 @@ class RaySink(TrainSink):
         _hold_for_tests(step)
 
     def on_eval(self, step: int, metrics: dict) -> None:
+        if self.gauges is not None:
+            _set_gauges(self.gauges, metrics)  # val/bpb
         # ride along with the next step / checkpoint / final report (report is a barrier: no extra call here)
         for k, v in metrics.items():
             if k not in ("step", "total_training_flops", "total_training_time"):
@@ -277,6 +352,7 @@ class RaySink(TrainSink):
 
     def on_checkpoint(self, step: int, checkpoint_dir: str, metrics: dict) -> None:
         self._report_pointer(step, checkpoint_dir, metrics, f"step_{step:06d}")
+        self.reported_steps.append(step)
 
     def report_final(self, result: dict) -> None:
         """The run's summary, attached to a pointer to its final checkpoint (Result.metrics = this report)."""
@@ -332,6 +408,23 @@ class RaySink(TrainSink):
             return launch_chatcore_async(ref, cfg.chatcore_max_cat, cfg.chatcore_max_sample, batch_size, **resources)
 
         return self._launch("chat", step, device, launch)
+
+    def relaunch_eval(self, kind: str, step: int, checkpoint_dir: str, device, params: dict) -> bool:
+        """An evaluation the previous worker group launched and never reported: again, from that step's checkpoint."""
+        from ray_jobs.eval_fanout import ModelRef, launch_chatcore_async, launch_core_async, launch_offline_chat_async
+
+        ref = ModelRef(checkpoint_dir=checkpoint_dir, step=step)
+
+        def launch(resources):
+            if kind == "core":
+                return launch_core_async(ref, max_per_task=params["max_per_task"], **resources)
+            cfg, batch_size = params["cfg"], params["batch_size"]
+            if cfg.mixture == "offline":
+                return launch_offline_chat_async(ref, max(1, cfg.offline_size // 10), cfg.chatcore_max_cat,
+                                                 cfg.chatcore_max_sample, batch_size, **resources)
+            return launch_chatcore_async(ref, cfg.chatcore_max_cat, cfg.chatcore_max_sample, batch_size, **resources)
+
+        return self._launch(kind, step, device, launch) is not None
 
     def _launch(self, kind: str, step: int, device, launch):
         """Rank 0 launches; every rank learns whether it did (else all evaluate in-process, a collective)."""
@@ -393,6 +486,17 @@ def own_complete_steps(checkpoint_dir: str, run_name: str) -> list[int]:
     return steps
 
 
+def _meta_of(checkpoint_dir: str, step: int) -> dict:
+    """A checkpoint's meta ({} when unreadable)."""
+    from nanochat import storage
+    from nanochat.checkpoint_manager import meta_path
+
+    try:
+        return json.loads(storage.read_bytes(meta_path(checkpoint_dir, step)))
+    except (OSError, ValueError, NanochatError):
+        return {}
+
+
 def _broadcast(obj):
     import torch.distributed as dist
 
@@ -420,14 +524,17 @@ GAUGES = {  # Ray custom metric name -> (metric key in the loop's metrics, descr
     "nanochat_train_mfu_percent": ("train/mfu", "model FLOPs utilization, % of peak (measured peak on CPU)"),
     "nanochat_train_loss": ("train/loss", "smoothed training loss"),
     "nanochat_train_step": ("step", "optimizer steps done"),
+    "nanochat_train_step_seconds": ("train/dt", "wall time of the last optimizer step, seconds"),
+    "nanochat_train_steps_lost": ("train/steps_lost", "optimizer steps lost to interruptions (restarts) so far"),
 }
+EVAL_GAUGES = {"nanochat_train_val_bpb": ("val/bpb", "validation bits per byte (set at each evaluation)")}
 
 
 def _make_gauges(run_name: str):
     from ray.util.metrics import Gauge
 
     gauges = {}
-    for name, (key, desc) in GAUGES.items():
+    for name, (key, desc) in {**GAUGES, **EVAL_GAUGES}.items():
         g = Gauge(name, description=desc, tag_keys=("run",))
         g.set_default_tags({"run": run_name})
         gauges[key] = g
@@ -452,7 +559,7 @@ def ray_init(cluster: ClusterArgs):
         return
     # "local": a fresh embedded cluster, never a stray `ray start` cluster found via /tmp/ray/ray_current_cluster
     address = cluster.address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, log_to_driver=True)
+    ray.init(address=address, runtime_env={"env_vars": {**gpu_env_defaults(), **forwarded_env()}}, log_to_driver=True)
 
 
 def default_storage() -> str:
@@ -461,10 +568,30 @@ def default_storage() -> str:
     return storage.join(get_base_dir(), "ray_runs")
 
 
+def scaling_config(cluster: ClusterArgs, use_gpu: bool):
+    """The trainer's ScalingConfig: 1 GPU (and 4 CPUs) per GPU worker, or the CPUs split across CPU workers."""
+    import ray
+    from ray.train import ScalingConfig
+
+    cpus = cluster.cpus_per_worker
+    if cpus <= 0:
+        total = ray.cluster_resources().get("CPU", 1)
+        free = total - cluster.num_workers * cluster.ray_data_actors  # Ray Data actors need CPUs of their own
+        cpus = 4 if use_gpu else max(1, int(free // max(cluster.num_workers, 1)))
+    resources = {"CPU": cpus}
+    if use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    num_workers, elastic = cluster.num_workers, {}
+    if cluster.min_workers > 0 and cluster.min_workers < num_workers:
+        num_workers = (cluster.min_workers, cluster.num_workers)
+        # how often a running elastic group checks whether it can grow back (Ray's default: 60 s)
+        elastic = {"elastic_resize_monitor_interval_s": float(os.environ.get("NANOCHAT_ELASTIC_RESIZE_S", 60))}
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources, **elastic)
+
+
 def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: bool, run_name: str):
     """Run worker_fn(loop_config) on a TorchTrainer; returns the ray.train.Result (raises once retries run out)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from nanochat import storage
@@ -476,28 +603,18 @@ def run_trainer(worker_fn, loop_config: dict, cluster: ClusterArgs, use_gpu: boo
     if storage.is_remote(storage_uri):  # explicit filesystem: the endpoint and keys travel with it
         fs, path = storage.get_filesystem(storage_uri)
         fs_kwargs = {"storage_path": path, "storage_filesystem": fs}
-    cpus = cluster.cpus_per_worker
-    if cpus <= 0:
-        total = ray.cluster_resources().get("CPU", 1)
-        free = total - cluster.num_workers * cluster.ray_data_actors  # Ray Data actors need CPUs of their own
-        cpus = 4 if use_gpu else max(1, int(free // max(cluster.num_workers, 1)))
-    resources = {"CPU": cpus}
-    if use_gpu:
-        resources["GPU"] = cluster.gpus_per_worker
-    num_workers = cluster.num_workers
-    if cluster.min_workers > 0 and cluster.min_workers < num_workers:
-        num_workers = (cluster.min_workers, cluster.num_workers)
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(cluster, use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(os.environ.get(
             "NANOCHAT_COLLECTIVE_TIMEOUT_S", 1800))),
         run_config=RunConfig(
             name=run_name,
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            failure_config=FailureConfig(max_failures=cluster.max_failures,
+                                         max_preemption_failures=cluster.max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
-            worker_runtime_env={"env_vars": {**forwarded_env(), **TRAIN_WORKER_ENV}},
+            worker_runtime_env={"env_vars": {**gpu_env_defaults(), **forwarded_env(), **TRAIN_WORKER_ENV}},
             **fs_kwargs,
         ),
     )
@@ -548,6 +665,7 @@ def run_job(parse, prepare, loop, worker_fn, summary, argv=None) -> int:
     from nanochat.common import print0, print_banner
 
     print_banner()
+    apply_gpu_env_defaults()  # before anything touches CUDA (in-process and torchrun runs; workers: runtime_env)
     try:
         cfg, cluster = parse(argv)
         cfg, use_gpu, run_name = prepare(cfg, cluster)

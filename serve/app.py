@@ -7,18 +7,25 @@ HTTP/OpenAI API (serve.api) and the Gradio page at "/" (serve.ui). A typed app b
     python -m serve.chat_web                                            # upstream-style launcher (serve/chat_web.py)
 
 In Python:  serve.run(build_app(ChatAppArgs(base_dir="/tmp/tinychat")), name="chat", route_prefix="/")
+
+Several checkpoints in one app: `models=["sft", "base", "rl:d20@650"]` (names: serve.models; the first is the
+default); each engine replica keeps up to `max_models_per_replica` of them loaded (LRU). Exposure: `api_key` (or the
+NANOCHAT_API_KEY environment variable of the ingress replica, the way to set it for `serve deploy`) and
+`cors_origins` (see serve.guard).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
 from serve.api import EngineClient, build_api
 from serve.engine_deployment import EngineDeployment
+from serve.models import ServedModels, default_model_name
 
 
 class ChatAppArgs(BaseModel):
@@ -29,6 +36,10 @@ class ChatAppArgs(BaseModel):
     model_tag: str | None = None
     step: int | None = None
     base_dir: str | None = None
+    # several checkpoints by name (serve.models: "sft", "base:d20", "sft:d20@650"); first = default; None = the one
+    # that source/model_tag/step pick
+    models: list[str] | None = None
+    max_models_per_replica: int = Field(2, ge=1)  # loaded models per engine replica; least recently used evicted
     # --- engine replicas
     device_type: Literal["", "cuda", "cpu", "mps"] = ""  # "" = cuda if the replica sees a GPU, else cpu
     num_replicas: int = Field(1, ge=1)  # upstream's --num-gpus: one model copy per GPU
@@ -49,8 +60,19 @@ class ChatAppArgs(BaseModel):
     max_tokens: int = Field(512, ge=1, le=4096)
     # --- front end
     ui: bool = True  # mount the Gradio page at "/"
-    model_id: str | None = None  # name in /v1/models; default nanochat-<source>
     first_event_timeout_s: float = 60.0  # a request with no engine answer by then gets 503 "not ready"
+    api_key: str | None = Field(None, repr=False)  # bearer key for the API and the page; None = NANOCHAT_API_KEY
+    cors_origins: list[str] = []  # browser origins allowed to call the API ("*" = any); empty = CORS off
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models):
+        if models is not None:
+            ServedModels(models)  # ValueError naming the bad name
+        return models
+
+    def served_models(self) -> list[str]:
+        return self.models or [default_model_name(self.source, self.model_tag, self.step)]
 
 
 @serve.deployment(name="ChatIngress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.5},
@@ -60,6 +82,7 @@ class ChatIngress:
     """FastAPI (+ Gradio) built on the replica, so nothing unpicklable crosses the wire."""
 
     def __init__(self, engine, settings: dict):
+        settings = {**settings, "api_key": settings.get("api_key") or os.environ.get("NANOCHAT_API_KEY") or None}
         self.client = EngineClient(engine, settings)
         self.settings = settings
 
@@ -68,14 +91,15 @@ class ChatIngress:
         if self.settings.get("ui", True):
             from serve.ui import mount_ui  # gradio is imported only where the page is served
 
-            app = mount_ui(app, self.client)
+            app = mount_ui(app, self.client, api_key=self.settings["api_key"])
         return app
 
 
 def build_app(args: ChatAppArgs) -> Application:
     if isinstance(args, dict):
         args = ChatAppArgs(**args)
-    settings = args.model_dump()
+    settings = {**args.model_dump(), "models": args.served_models()}
+    engine_settings = {k: v for k, v in settings.items() if k not in ("api_key", "cors_origins")}
     options = dict(max_ongoing_requests=args.max_batch_size + args.max_waiting,
                    max_queued_requests=args.max_queued_requests,
                    ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica})
@@ -85,5 +109,5 @@ def build_app(args: ChatAppArgs) -> Application:
                                          "target_ongoing_requests": args.target_ongoing_requests}
     else:
         options["num_replicas"] = args.num_replicas
-    engine = EngineDeployment.options(**options).bind(settings)
+    engine = EngineDeployment.options(**options).bind(engine_settings)
     return ChatIngress.bind(engine, settings)

@@ -4,6 +4,7 @@ Chat with a nanochat model in the terminal: in-process by default, or with a run
     python -m serve.chat_cli -i sft                          # REPL: 'quit'/'exit' to leave, 'clear' to restart
     python -m serve.chat_cli -i sft -p "Why is the sky blue?"  # one answer, then exit
     python -m serve.chat_cli --url http://localhost:8000      # talk to `python -m serve.chat_web` (or a RayService)
+    python -m serve.chat_cli --url http://host:8000 --model base --api-key "$KEY"   # a named model, a keyed server
 
 Flags are upstream's scripts/chat_cli.py (-i/-g/-s/-p/-t 0.6/-k 50/--device-type; replies are capped at 256 tokens
 as upstream). Unlike upstream, special tokens are never printed and multi-byte characters are never split
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 MAX_TOKENS = 256  # upstream hard-codes this for the CLI
@@ -31,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                    help="cuda|cpu|mps; empty = autodetect")
     p.add_argument("--url", type=str, default="", help="chat with a running server instead (e.g. http://host:8000)")
+    p.add_argument("--model", type=str, default=None,
+                   help="with --url: the served model to talk to (e.g. sft, base:d20); default: the server's default")
+    p.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY"),
+                   help="with --url: the server's API key (default: $NANOCHAT_API_KEY)")
     return p.parse_args(argv)
 
 
@@ -91,11 +97,18 @@ class RemoteChat:
         self.messages.append({"role": "user", "content": user_text})
         body = {"messages": self.messages, "temperature": self.args.temperature, "top_k": self.args.top_k,
                 "max_tokens": MAX_TOKENS}
+        if self.args.model:
+            body["model"] = self.args.model
+        headers = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
         text = ""
-        with requests.post(self.url, json=body, stream=True, timeout=300) as r:
+        with requests.post(self.url, json=body, headers=headers, stream=True, timeout=300) as r:
             if r.status_code != 200:
                 self.messages.pop()
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text.strip()}")
+                try:
+                    detail = r.json().get("detail") or r.json()["error"]["message"]
+                except Exception:
+                    detail = r.text.strip()
+                raise RuntimeError(f"HTTP {r.status_code}: {detail}")
             for line in r.iter_lines(decode_unicode=True):
                 if not line or not line.startswith("data: "):
                     continue

@@ -1,10 +1,12 @@
 """python -m pytest tests/test_serve_batching.py -q
 
 The serving core without Ray: continuous batching is exact (batched == alone, bit for bit, for the same seeds),
-the calculator tool works per row, text streaming never splits a character or shows special tokens, request
-validation matches upstream's limits, and chat_cli works in-process.
+the calculator tool works per row, per-token logprobs are the model's raw log-softmax, text streaming never splits a
+character or shows special tokens, request validation matches upstream's limits, and chat_cli works in-process.
+(The prefill/prefix-cache/static-decode paths: tests/test_serve_fastpaths.py.)
 """
 
+import dataclasses
 import threading
 
 import pytest
@@ -19,28 +21,13 @@ from serve.protocol import (
     parse_chat_request,
     render_prompt,
 )
-from serve.tiny import make_tiny_checkpoint
+from tests.decode_helpers import tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(model, tokenizer) of a depth-2 random checkpoint written and loaded through the checkpoint manager."""
-    import os
-
-    from nanochat.checkpoint_manager import load_model
-
-    base = str(tmp_path_factory.mktemp("tinychat"))
-    make_tiny_checkpoint(base, depth=2, sequence_len=256)
-    old = os.environ.get("NANOCHAT_BASE_DIR")
-    os.environ["NANOCHAT_BASE_DIR"] = base
-    try:
-        model, tok, _ = load_model("sft", "cpu", phase="eval")
-    finally:
-        if old is None:
-            del os.environ["NANOCHAT_BASE_DIR"]
-        else:
-            os.environ["NANOCHAT_BASE_DIR"] = old
-    return model, tok, base
+    """(model, tokenizer, base dir) of a depth-2 random checkpoint written and loaded through the checkpoint manager."""
+    return tiny_chat_model(str(tmp_path_factory.mktemp("tinychat")))
 
 
 @pytest.fixture
@@ -107,7 +94,7 @@ def test_batch_invariant_mode_pads_rows_and_attends_row_by_row(tiny, monkeypatch
     from serve import batching
 
     model, tok, _ = tiny
-    sched = BatchScheduler(model, tok, max_batch_size=5, max_seq_len=100)
+    sched = BatchScheduler(model, tok, max_batch_size=5, max_seq_len=100, prefix_block=8)
     assert sched.batch_invariant and sched.cache.batch_size == 8 and sched.capacity == 100
     assert flash_attention.flash_attn.flash_attn_with_kvcache is batching._rowwise_dispatch
     calls, original = [], batching._original_attn
@@ -121,9 +108,11 @@ def test_batch_invariant_mode_pads_rows_and_attends_row_by_row(tiny, monkeypatch
     for p in prompts:
         sched.submit(p, SamplingParams(max_tokens=5, temperature=0.0))
     calls.clear()
-    sched.step()  # 2 prefills (batch 1, whole prompt) + one decode step of 8 rows, attention row by row
+    sched.step()  # 2 prefills (batch 1, one forward per 8-token block) + one decode step of 8 rows, row by row
     n_layer = model.config.n_layer
-    assert calls == [1] * n_layer * 2 + [1] * n_layer * 2
+    blocks = sum(-(-len(p) // 8) for p in prompts)
+    assert blocks > 2 and sched.stats["prefill_forwards"] == blocks
+    assert calls == [1] * n_layer * blocks + [1] * n_layer * 2
     lens = sched.cache.cache_seqlens[:8].tolist()
     assert lens[:2] == [len(prompts[0]) + 1, len(prompts[1]) + 1] and lens[2:] == [1] * 6  # dummies: 0 + 1
 
@@ -184,7 +173,7 @@ class _ScriptedModel:
     def __init__(self, vocab, script):
         from types import SimpleNamespace
 
-        self.config = SimpleNamespace(sequence_len=128, n_kv_head=1, n_head=1, n_embd=8, n_layer=1)
+        self.config = SimpleNamespace(sequence_len=128, n_kv_head=1, n_head=1, n_embd=8, n_layer=1, vocab_size=vocab)
         self.vocab, self.script = vocab, script  # {(position of the input token, input token): next token}
 
     def get_device(self):
@@ -194,10 +183,10 @@ class _ScriptedModel:
         B, T = idx.shape
         logits = torch.zeros(B, T, self.vocab)
         for b in range(B):
-            pos = int(kv_cache.cache_seqlens[b]) + T - 1
-            nxt = self.script.get((pos, int(idx[b, -1])))
-            if nxt is not None:
-                logits[b, -1, nxt] = 100.0
+            for t in range(T):  # every position (a batched prefill reads each row's own last real position)
+                nxt = self.script.get((int(kv_cache.cache_seqlens[b]) + t, int(idx[b, t])))
+                if nxt is not None:
+                    logits[b, t, nxt] = 100.0
         kv_cache.prev_embedding = torch.zeros(B, 1, 8)
         kv_cache.advance(T)
         return logits
@@ -291,7 +280,7 @@ GOOD = [{"role": "user", "content": "hi"}]
     ({"messages": GOOD, "max_tokens": 0}, "max_tokens must be between 1 and 4096"),
     ({"messages": GOOD, "max_tokens": 4097}, "max_tokens"),
     ({"messages": GOOD, "top_p": 0}, "top_p"),
-    ({"messages": GOOD, "n": 2}, "n must be 1"),
+    ({"messages": GOOD, "n": 17}, "n must be between 1 and 16"),
     ({"messages": GOOD, "stop": ["a", "b", "c", "d", "e"]}, "stop must be"),
     ({"messages": GOOD, "seed": -1}, "seed"),
     ({"messages": "hi"}, "messages must be a list"),
@@ -425,3 +414,86 @@ def test_chat_web_flags_map_to_app_args():
     assert gpu.device_type == "cuda" and gpu.num_gpus_per_replica == 1 and gpu.num_replicas == 8
     with pytest.raises(ValueError, match="has 4 GPUs"):
         app_args(parse_args(["--num-replicas", "8", "--device-type", "cuda"]), cluster_gpus=4)
+
+
+# -----------------------------------------------------------------------------
+# Per-token logprobs and snapshot()
+
+
+def test_logprobs_are_the_models_raw_log_softmax(tiny):
+    """Each event's logprob is log_softmax of a plain (no cache) forward pass at that position, whatever the
+    temperature/top-k; top_logprobs are the k best of the same distribution, most likely first."""
+    model, tok, _ = tiny
+    prompt = _prompts(tok, 3)[2]
+    sched = BatchScheduler(model, tok, max_batch_size=4)
+    params = SamplingParams(max_tokens=12, temperature=1.3, top_k=5, top_p=0.9, seed=7, logprobs=3)
+    other = []  # a neighbour in the batch that did not ask for logprobs
+    sched.submit(_prompts(tok, 1)[0], SamplingParams(max_tokens=12, temperature=0.7, seed=1), other.append)
+    events = sched.generate(prompt, params)
+    tokens = [e.token for e in events]
+    with torch.inference_mode():
+        logits = model.forward(torch.tensor([prompt + tokens[:-1]]))[0, len(prompt) - 1:]  # (12, vocab)
+    want = torch.log_softmax(logits.float(), dim=-1)
+    for i, ev in enumerate(events):
+        assert ev.logprob == pytest.approx(float(want[i, ev.token]), abs=1e-4)
+        vals, idx = torch.topk(want[i], 3)
+        assert [t for t, _ in ev.top_logprobs] == idx.tolist()
+        assert [lp for _, lp in ev.top_logprobs] == pytest.approx(vals.tolist(), abs=1e-4)
+    assert other and all(e.logprob is None and e.top_logprobs is None for e in other)
+    plain = sched.generate(prompt, dataclasses.replace(params, logprobs=None))
+    assert [e.token for e in plain] == tokens  # asking for logprobs does not change the tokens
+    assert all(e.logprob is None and e.top_logprobs is None for e in plain)
+    zero = sched.generate(prompt, dataclasses.replace(params, logprobs=0))
+    assert all(e.top_logprobs == [] and e.logprob is not None for e in zero)
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 1.5, True, "3"])
+def test_logprobs_parameter_is_validated(bad):
+    with pytest.raises(ValueError, match="logprobs must be None"):
+        SamplingParams(logprobs=bad)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_forced_tool_tokens_get_logprobs_too(tiny, static):
+    """Per-row and batched (static) sampling: forced calculator output is emitted unsampled, with its logprob."""
+    _, tok, _ = tiny
+    sp = tok.encode_special
+    prompt = [tok.get_bos_token_id()] * 3 + [sp("<|assistant_start|>")]
+    call = [sp("<|python_start|>")] + tok.encode("2+3") + [sp("<|python_end|>")]
+    forced = [sp("<|output_start|>")] + tok.encode("5") + [sp("<|output_end|>")]
+    seq = prompt + call + forced + [sp("<|assistant_end|>")]
+    script = {(p, seq[p]): seq[p + 1] for p in range(len(prompt) - 1, len(seq) - 1)
+              if not (len(prompt) + len(call) <= p + 1 < len(prompt) + len(call) + len(forced))}
+    model = _ScriptedModel(tok.get_vocab_size(), script)
+    sched = BatchScheduler(model, tok, max_batch_size=2, batch_invariant=False, static=static)
+    events = sched.generate(prompt, SamplingParams(max_tokens=50, temperature=0.7, logprobs=2))
+    assert [e.token for e in events] == call + forced + [sp("<|assistant_end|>")]
+    assert [e.sampled for e in events] == [True] * len(call) + [False] * len(forced) + [True]
+    uniform = -float(torch.log(torch.tensor(float(tok.get_vocab_size()))))
+    for e in events:
+        assert e.logprob is not None and len(e.top_logprobs) == 2
+        if e.sampled:  # the script put a logit of 100 on it: probability ~1
+            assert e.logprob == pytest.approx(0.0, abs=1e-3) and e.top_logprobs[0][0] == e.token
+        else:  # the model had no opinion (all-zero logits) about the forced output: uniform
+            assert e.logprob == pytest.approx(uniform, abs=1e-4)
+
+
+def test_snapshot_reports_load_and_kv_use(tiny):
+    model, tok, _ = tiny
+    sched = BatchScheduler(model, tok, max_batch_size=3, max_seq_len=100)
+    prompts = _prompts(tok, 2)
+    for p in prompts:
+        sched.submit(p, SamplingParams(max_tokens=5, temperature=0.0))
+    snap = sched.snapshot()
+    assert (snap["running"], snap["waiting"], snap["max_batch_size"]) == (0, 2, 3)
+    assert snap["kv_tokens_used"] == 0 and snap["kv_tokens_capacity"] == 300
+    sched.step()
+    snap = sched.snapshot()
+    assert (snap["running"], snap["waiting"]) == (2, 0)
+    assert snap["prefill_tokens"] == sum(map(len, prompts)) and snap["tokens_generated"] == 4
+    assert snap["kv_tokens_used"] == sum(map(len, prompts)) + 4
+    assert snap["prefix_cache_hit_tokens"] == 0
+    while sched.step():
+        pass
+    snap = sched.snapshot()
+    assert (snap["running"], snap["kv_tokens_used"], snap["tokens_generated"]) == (0, 0, 10)

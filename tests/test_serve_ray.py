@@ -3,10 +3,13 @@
 The chat app on a real local Ray cluster (serve.run, real HTTP on a free loopback port, tiny random checkpoint):
 upstream's SSE endpoint, the OpenAI client, gradio_client, headless Chromium (screenshot in artifacts/), seeded
 results independent of batching and replica, every bad input's 4xx, 64 concurrent requests, client disconnect
-freeing the batch slot, 503 + Retry-After under saturation, and a replica killed under load being replaced.
+freeing the batch slot, 503 + Retry-After under saturation, and a replica killed under load being replaced; the
+default exposure (no CORS, message content not logged at INFO). The API for real clients (completions, logprobs,
+several models, metrics, API key) is tested in tests/test_serve_api.py.
 """
 
 import collections
+import glob
 import json
 import os
 import socket
@@ -56,7 +59,8 @@ def server(tmp_path_factory):
     args = ChatAppArgs(base_dir=base, num_replicas=2, max_batch_size=16, max_waiting=64, max_tokens=24,
                        torch_threads=1, first_event_timeout_s=30)
     serve.run(build_app(args), name="chat", route_prefix="/")
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", base=base, port=port)
+    log_dir = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", base=base, port=port, log_dir=log_dir)
     serve.shutdown()
     ray.shutdown()
 
@@ -79,7 +83,7 @@ def _sse(url, body, timeout=120):
 
 
 def _openai(url, **kw):
-    body = {"model": "nanochat-sft", "messages": HI, **kw}
+    body = {"model": "sft", "messages": HI, **kw}
     return requests.post(url + "/v1/chat/completions", json=body, timeout=120)
 
 
@@ -95,15 +99,15 @@ def test_upstream_stream_format_and_health(server):
     health = requests.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["ready"] is True and health["num_gpus"] == 2
     stats = requests.get(server.url + "/stats").json()
-    assert stats["ready"] and stats["engine"]["batch_invariant"] and stats["ingress"]["requests"] >= 1
+    assert stats["ready"] and stats["engine"]["models"]["sft"]["batch_invariant"] and stats["ingress"]["requests"] >= 1
 
 
 def test_openai_client_streaming_and_not(server):
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-    assert [m.id for m in client.models.list().data] == ["nanochat-sft"]
-    kw = dict(model="nanochat-sft", messages=HI, max_tokens=12, temperature=0.7, seed=7)
+    assert [m.id for m in client.models.list().data] == ["sft"]
+    kw = dict(model="sft", messages=HI, max_tokens=12, temperature=0.7, seed=7)
     full = client.chat.completions.create(**kw)
     assert full.choices[0].finish_reason == "length" and full.choices[0].message.role == "assistant"
     assert full.usage.completion_tokens == 12 and full.usage.prompt_tokens > 3
@@ -150,7 +154,8 @@ BAD = [
     ("/chat/completions", {"messages": HI, "max_tokens": 4097}, 400, "max_tokens must be between 1 and 4096"),
     ("/chat/completions", {"messages": HI, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", "{", 400, "Malformed JSON"),
-    ("/v1/chat/completions", {"messages": HI, "n": 3}, 400, "n must be 1"),
+    ("/v1/chat/completions", {"messages": HI, "n": 17}, 400, "n must be between 1 and 16"),
+    ("/chat/completions", {"messages": HI, "n": 2}, 400, "n must be 1"),
     ("/v1/chat/completions", {"messages": HI, "top_p": 1.5}, 400, "top_p"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "parts"),
     ("/v1/chat/completions", {"messages": HI * 2 + [{"role": "system", "content": "x"}]}, 400, "system"),
@@ -198,7 +203,8 @@ def test_client_disconnect_frees_the_batch_slot(server):
 
     def freed():
         s = requests.get(server.url + "/stats").json()["engine"]
-        return s["replica"] == replica and s["running"] == 0 and s["requests_cancelled"] >= 1 and s["waiting"] == 0
+        return s["replica"] == replica and s["running"] == 0 and s["waiting"] == 0 and \
+            s["models"]["sft"]["requests_cancelled"] >= 1
 
     _wait_for(freed, 15, "the disconnected request to leave its replica's batch")
 
@@ -214,8 +220,29 @@ def test_chat_cli_talks_to_the_server(server):
     assert reply.strip() and "<|" not in reply
 
 
+def test_default_exposure_no_cors_and_no_content_at_info(server):
+    r = requests.options(server.url + "/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = requests.post(server.url + "/v1/chat/completions", headers={"Origin": "https://evil.example"},
+                      json={"messages": [{"role": "user", "content": "secret-marker-9341"}], "max_tokens": 2})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    files = glob.glob(os.path.join(server.log_dir, "serve", "replica_chat_ChatIngress_*.log"))
+
+    def logged(needle):
+        return [line for f in files for line in open(f, errors="replace") if needle in line]
+
+    rid = r.json()["id"]
+    _wait_for(lambda: logged(rid), 20, "the request's metadata line")  # written at INFO, with counts and timings
+    assert any("prompt_tokens=" in line and "completion_tokens=2" in line for line in logged(rid))
+    assert logged("secret-marker-9341") == []
+
+
 # -----------------------------------------------------------------------------
 # The UI
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def test_gradio_client_against_the_ui(server):
@@ -234,9 +261,7 @@ def test_headless_chromium_chats_and_sees_a_streamed_reply(server):
     os.makedirs(os.path.join(ROOT, "artifacts"), exist_ok=True)
     shot = os.path.join(ROOT, "artifacts", "serve_ui.png")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(server.url + "/", wait_until="load")

@@ -230,7 +230,10 @@ def test_resubmit_on_one_worker_resumes_two_worker_checkpoint_from_s3(reference,
     from ray.train import TrainingFailedError
 
     with pytest.raises(TrainingFailedError):  # max_failures=0: the run fails after its step-5 checkpoint
-        fit(cfg_dict("resub", save_every=5), "resub-run", worker=faulty_worker, storage=storage, fault=fault)
+        # synchronous saves: the step-5 checkpoint is complete before the step-6 fault (a background save may still
+        # be uploading then, and the run would restart from step 0)
+        fit(cfg_dict("resub", save_every=5, background_save=0), "resub-run", worker=faulty_worker, storage=storage,
+            fault=fault)
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket)["Contents"]]
     assert "base_resub/base_checkpoints/resub/optim_000005_rank1.pt" in keys
     assert any(k.startswith("ray_runs/resub-run/") for k in keys)

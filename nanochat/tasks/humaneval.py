@@ -2,7 +2,8 @@
 
 Data: HF `openai/openai_humaneval`, parquet config `openai_humaneval`, split test. A completion passes when
 `imports from the prompt + the first fenced code block of the completion (or all of it) + the problem's test
-+ check(entry_point)` runs cleanly in `nanochat.execution.execute_code` (5 s, 256 MB by default).
++ check(entry_point)` runs to its end with exit status 0 in `nanochat.execution.execute_code` (5 s, 256 MB by
+default): a program that exits early (sys.exit(0) before the asserts) fails.
 """
 
 import re
@@ -38,6 +39,28 @@ def build_program(conversation: dict, completion: str) -> str:
     )
 
 
+def example_from_row(row: dict) -> dict:
+    """One dataset row (task_id, prompt, canonical_solution, test, entry_point) as a conversation."""
+    return {
+        "messages": [
+            {"role": "user", "content": row["prompt"]},  # the signature + docstring to complete
+            {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
+        ],
+        "entry_point": row["entry_point"],
+        "test": row["test"],
+    }
+
+
+def passes(conversation: dict, completion: str, timeout: float = 5.0,
+           maximum_memory_bytes: int = 256 * 1024 * 1024) -> bool:
+    """Whether `completion` passes the problem's tests in the sandbox."""
+    from nanochat.execution import execute_code  # imported lazily: only generative scoring needs the sandbox
+
+    result = execute_code(build_program(conversation, completion), timeout=timeout,
+                          maximum_memory_bytes=maximum_memory_bytes)
+    return bool(result.success)
+
+
 class HumanEval(Task):
     def __init__(self, timeout: float = 5.0, maximum_memory_bytes: int = 256 * 1024 * 1024, **kwargs):
         super().__init__(**kwargs)
@@ -52,22 +75,7 @@ class HumanEval(Task):
         return len(self.ds)
 
     def get_example(self, index: int) -> dict:
-        row = self.ds[index]
-        return {
-            "messages": [
-                {"role": "user", "content": row["prompt"]},  # the signature + docstring to complete
-                {"role": "assistant", "content": f"{row['prompt']}\n{row['canonical_solution']}"},
-            ],
-            "entry_point": row["entry_point"],
-            "test": row["test"],
-        }
+        return example_from_row(self.ds[index])
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        from nanochat.execution import execute_code  # imported lazily: only generative scoring needs the sandbox
-
-        result = execute_code(
-            build_program(conversation, completion),
-            timeout=self.timeout,
-            maximum_memory_bytes=self.maximum_memory_bytes,
-        )
-        return bool(result.success)
+        return passes(conversation, completion, self.timeout, self.maximum_memory_bytes)
