@@ -192,9 +192,9 @@ def _mmlu_table(rng, n):
     return pa.table(rows)
 
 
-def _gsm8k_table(n):
+def _gsm8k_table(n, offset=0):
     rows = {"question": [], "answer": []}
-    for i in range(n):
+    for i in range(offset, offset + n):
         a, b = 3 + i, 4 + 2 * i
         rows["question"].append(f"Tom has {a} apples and buys {b} more. How many apples does he have?")
         rows["answer"].append(f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b:,}")
@@ -220,10 +220,14 @@ def _smoltalk_table(n):
 
 
 def task_tables() -> dict[tuple[str, str, str], list[pa.Table]]:
-    """(repo, subset, split) -> shards. ARC-Easy comes in two shards to exercise shard concatenation."""
+    """(repo, subset, split) -> shards. ARC-Easy comes in two shards to exercise shard concatenation. The training
+    splits (MMLU auxiliary_train, GSM8K train) feed upstream's SFT mixture and RL in make_upstream_fixtures_eval."""
     rng = random.Random(1)
     arc_easy = _arc_table(rng, 24, "easy")
+    train_rng = random.Random(2)  # its own generator: the tables above stay what they were
     return {
+        ("cais/mmlu", "all", "auxiliary_train"): [_mmlu_table(train_rng, 8)],
+        ("openai/gsm8k", "main", "train"): [_gsm8k_table(4, offset=20)],
         ("allenai/ai2_arc", "ARC-Easy", "test"): [arc_easy.slice(0, 14), arc_easy.slice(14)],
         ("allenai/ai2_arc", "ARC-Challenge", "test"): [_arc_table(rng, 10, "challenge")],
         ("cais/mmlu", "all", "test"): [_mmlu_table(rng, 16)],

@@ -17,6 +17,11 @@ Fixture contents (~450 KB):
   chatsft_checkpoints/d2/model_000003.pt    OLD format: no resid_lambdas/x0_lambdas keys, "_orig_mod." prefixes
   chatsft_checkpoints/d2/meta_000003.json   SFT style meta without window_pattern
   expected_logits.pt                        {ids, base, sft}: logits of upstream's own load_model on ids
+
+The format invariants of the checkpoints upstream's own scripts write (file names, model/optimizer keys, dtypes and
+shapes, meta fields of base_train, chat_sft and chat_rl) are frozen by dev/make_upstream_fixtures_eval.py, which
+runs those scripts, in tests/fixtures/upstream_eval/checkpoint_format.json (asserted by
+tests/test_upstream_pipeline.py against what ours writes).
 """
 
 import argparse

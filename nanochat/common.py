@@ -237,6 +237,12 @@ def compute_init(device_type: str = "cuda"):
     else:
         device = torch.device(device_type)
     if ddp and world_size > 1 and not is_ddp_initialized():
+        # torch.distributed.nn.functional stores group.WORLD as default arguments when first imported (torch
+        # 2.13; torch.optim.Optimizer imports it via torch._dynamo). Imported after the group exists, it pins the
+        # group past destroy_process_group, and gloo's threads then live into interpreter shutdown, where one can
+        # abort the process (std::terminate). Imported now, its defaults are None.
+        import torch.distributed.nn.functional as _pin_free  # noqa: F401
+
         if device_type == "cuda":
             dist.init_process_group(backend="nccl", device_id=device)
         else:

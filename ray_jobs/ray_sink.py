@@ -8,6 +8,7 @@ checkpoint until Ray restarts the group. The driver side (flags, TorchTrainer) i
 import json
 import os
 import tempfile
+import threading
 import time
 
 from nanochat.common import NanochatError
@@ -15,6 +16,15 @@ from nanochat.train import TrainSink
 
 AUTO_RAY_DATA_ACTORS = 2  # --ray-data-actors auto on GPU: tokenizer actors (1 CPU each) per training worker
 HOLD_MARGIN_S = 120.0  # after a just-in-time checkpoint, wait this long past the drain deadline for the restart
+
+
+def _hold_for_tests(step: int) -> None:
+    """Test hook: NANOCHAT_TRAIN_HOLD_AT=<step>:<path> parks the loop after <step> (creating <path>) until the job is
+    stopped, so that a test stops a run at a known step instead of racing it."""
+    spec = os.environ.get("NANOCHAT_TRAIN_HOLD_AT")
+    if spec and step == int(spec.split(":", 1)[0]):
+        open(spec.split(":", 1)[1], "w").close()
+        threading.Event().wait()
 
 
 class RaySink(TrainSink):
@@ -127,6 +137,7 @@ class RaySink(TrainSink):
             metrics = {**metrics, "time_to_first_step_s": self.first_step_time - self.t_start}
         if step % self.report_every == 0:
             self.ray_train.report(_plain(self._with_evals(metrics)))
+        _hold_for_tests(step)
 
     def on_eval(self, step: int, metrics: dict) -> None:
         if self.gauges is not None:

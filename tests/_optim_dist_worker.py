@@ -9,6 +9,7 @@ the top (tiny GPT, micro-batches, fixture menagerie) are shared with the test, w
 """
 
 import faulthandler
+import json
 import os
 import sys
 
@@ -99,15 +100,25 @@ def gpt_steps(model, opt, steps, rank, out_dir, tag):
             torch.save(snapshot(model), os.path.join(out_dir, f"{tag}_params_step{step}.pt"))
 
 
+def native_threads() -> list[str]:
+    """Names of this process's threads (gloo's are gloo_tcp_loop and pt_gloo_runloop)."""
+    names = []
+    for tid in sorted(os.listdir("/proc/self/task")):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return names
+
+
 def main(ref_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from nanochat.common import compute_cleanup, compute_init
     from nanochat.optim import shard_optimizer_state
 
     # A native abort (SIGABRT from std::terminate) otherwise leaves no trace of where it happened: dump every
     # thread's Python stack to stderr, which the test shows when the launch fails.
     faulthandler.enable(all_threads=True)
-    dist.init_process_group("gloo")
+    compute_init("cpu")  # the library's process-group set-up (gloo) and teardown, as a torchrun launch uses them
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, world
 
@@ -153,7 +164,10 @@ def main(ref_dir: str, out_dir: str) -> None:
         torch.save(snapshot(params), os.path.join(out_dir, "odd_params.pt"))
     torch.save(opt.state_dict(), os.path.join(out_dir, f"odd_optim_rank{rank}.pt"))
     dist.barrier()  # no rank tears its gloo pairs down while the other still has traffic or files in flight
-    dist.destroy_process_group()
+    compute_cleanup()
+    # The group must really be gone (its gloo threads joined) before the interpreter shuts down: see compute_init.
+    with open(os.path.join(out_dir, f"threads_after_cleanup_rank{rank}.json"), "w") as f:
+        json.dump(native_threads(), f)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
         srv.fail("shard_00002.parquet", "stall:5")     # next GET sends headers, then stalls 5 s before the body
         srv.fail("shard_00003.parquet", "truncate")    # next GET promises the full length, sends half, closes
         srv.fail("shard_00004.parquet", "garbage")     # next GET answers 200 with bytes that are not the file
+        srv.fail("shard_00005.parquet", "hold")        # next GET waits (nothing sent) until srv.release()
+        srv.held                                       # how many GETs are being held right now
         url = srv.url("shard_00001.parquet")           # http://127.0.0.1:PORT/shard_00001.parquet
         srv.requests["shard_00001.parquet"]            # how many GETs that path received
 
@@ -34,6 +36,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.startswith("500"):
             self.send_error(500, "injected failure")
             return
+        if fault == "hold":
+            owner._hold(self)
         if not name or not os.path.isfile(path):
             self.send_error(404, "not found")
             return
@@ -65,12 +69,25 @@ class FileServer:
         self.requests = collections.Counter()
         self._faults = collections.defaultdict(collections.deque)
         self._lock = threading.Lock()
+        self._released = threading.Event()
+        self.held = 0
         self._server = None
         self._thread = None
 
     def fail(self, name, *faults):
         with self._lock:
             self._faults[name].extend(faults)
+
+    def release(self):
+        """Let every held GET (and every later one) through."""
+        self._released.set()
+
+    def _hold(self, handler):
+        with self._lock:
+            self.held += 1
+        self._released.wait()
+        with self._lock:
+            self.held -= 1
 
     def _next_fault(self, name):
         with self._lock:
@@ -100,6 +117,7 @@ class FileServer:
         return self
 
     def stop(self):
+        self._released.set()  # no handler thread stays parked
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

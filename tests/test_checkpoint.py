@@ -1,7 +1,8 @@
 """python -m pytest tests/test_checkpoint.py -q
 
 nanochat.checkpoint_manager: exact save/load round trips on a local dir and on S3 (moto server on loopback),
-crash safety (failures injected at every file of a save, and a saving process SIGKILLed at a random moment),
+crash safety (failures injected at every file of a save, and a saving process SIGKILLed while it is parked inside
+a file of a save, which the test first sees as incomplete on storage),
 clear errors for missing checkpoints, and compatibility with base dirs written by upstream nanochat
 (tests/fixtures/upstream_checkpoint, made by dev/make_upstream_fixtures_checkpoint.py).
 """
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -219,19 +221,60 @@ def test_failed_meta_write_falls_back_to_previous_step(root, monkeypatch):
 
 
 _SAVER = r"""
-import sys, torch
-from nanochat import checkpoint_manager as cm
-ckdir, mb = sys.argv[1], int(sys.argv[2])
+import contextlib, sys, torch
+from nanochat import checkpoint_manager as cm, storage
+ckdir, mb, gate_name, gate_fraction = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 n = mb * 1024 * 1024 // 4 // 3
-for step in range(1, 10_000):
+writer = storage.atomic_writer
+
+
+class Gate:
+    # The file object of the save being written: parks the process mid-write of gate_name (after gate_fraction of
+    # its bytes), says so on stdout, and waits for the SIGKILL.
+    def __init__(self, f, size):
+        self.f, self.size, self.written = f, size, 0
+
+    def write(self, data):
+        if self.written + len(data) >= self.size * gate_fraction:
+            cut = max(0, int(self.size * gate_fraction) - self.written)
+            self.f.write(data[:cut])
+            self.f.flush()
+            print("mid-write", flush=True)
+            sys.stdin.readline()  # never answered
+        self.written += len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@contextlib.contextmanager
+def gated_writer(p):
+    with writer(p) as f:
+        yield Gate(f, 4 * n * (3 if "model_" in p else 1)) if p.endswith(gate_name) else f  # bytes of float32 data
+
+
+storage.atomic_writer = gated_writer
+for step in range(1, 10):
     model = {f"w{i}": torch.full((n,), float(step)) for i in range(3)}
     cm.save_checkpoint(ckdir, step, model, {"step": step, "m": torch.full((n,), float(step))}, {"step": step})
     print(step, flush=True)
 """
 
 
-@pytest.mark.parametrize("backend,megabytes", [("local", 48), ("s3", 12)])
-def test_sigkill_mid_save_leaves_a_loadable_last_step(backend, megabytes, tmp_path, request, monkeypatch):
+def _incomplete_steps(ckdir) -> tuple[set, list]:
+    """(steps with a model/optimizer file but no meta, partial temp files) as the storage shows them."""
+    names = storage.listdir(ckdir)
+    steps = {int(m.group(1)) for n in names if (m := re.fullmatch(r"(?:model|optim)_(\d+)(?:_rank\d+)?\.pt", n))}
+    return {s for s in steps if f"meta_{s:06d}.json" not in names}, [n for n in names if n.startswith(".")]
+
+
+# gate: which file of step 2's save the process is killed in the middle of (S3 shows a step as incomplete only
+# between its objects: an interrupted upload never becomes an object)
+@pytest.mark.parametrize("backend,megabytes,gate", [("local", 4, "model_000002.pt"),
+                                                    ("local", 4, "optim_000002_rank0.pt"),
+                                                    ("s3", 4, "optim_000002_rank0.pt")])  # fmt: skip
+def test_sigkill_mid_save_leaves_a_loadable_last_step(backend, megabytes, gate, tmp_path, request, monkeypatch):
     env = dict(os.environ)
     if backend == "local":
         ckdir = str(tmp_path / "d2")
@@ -240,16 +283,24 @@ def test_sigkill_mid_save_leaves_a_loadable_last_step(backend, megabytes, tmp_pa
         env.update(server.env)
         server.apply_env(monkeypatch)
         ckdir = server.uri(f"kill/{time.monotonic_ns()}/d2")
-    proc = subprocess.Popen([sys.executable, "-c", _SAVER, ckdir, str(megabytes)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, text=True)
+    fraction = random.Random(gate).uniform(0.2, 0.8)  # somewhere inside the file
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, ckdir, str(megabytes), gate, str(fraction)], cwd=REPO,
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stdout.readline().strip() == "1"  # one full checkpoint exists
-        time.sleep(random.Random(1234).uniform(0.2, 1.5))  # then die somewhere inside a later save
+        assert proc.stdout.readline().strip() == "mid-write"  # step 2's save is parked inside `gate`
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    # The kill landed inside a save: storage shows step 2 incomplete (a file without meta, or a partial temp file)
+    incomplete, partial = _incomplete_steps(ckdir)
+    if gate.startswith("model_"):
+        assert incomplete == set() and len(partial) == 1, (incomplete, partial)  # model file half written
+    else:
+        assert incomplete == {2}, storage.listdir(ckdir)  # model written, optimizer (and meta) not
+        assert len(partial) == (1 if backend == "local" else 0), partial
     last = cm.find_last_step(ckdir)
-    assert last >= 1
+    assert last == 1
     model, optim, meta = cm.load_checkpoint(ckdir, last, "cpu", load_optimizer=True)
     assert meta == {"step": last} and optim["step"] == last
     assert all(torch.all(t == float(last)) for t in model.values())

@@ -8,8 +8,10 @@ offline `sample` sources, and the errors a user can run into.
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,16 +120,48 @@ def test_broken_local_shard_is_replaced(base_dir, served):
     assert dataset.validate_parquet(str(data_dir / "shard_00000.parquet")) == 50
 
 
+# The CLI with filelock's DEBUG log on stderr ("Lock ... not acquired on <path>, waiting ..."): the test sees when a
+# run finds a shard's lock taken.
+_CLI_LOGGING_LOCKS = ("import logging, runpy, sys; h = logging.StreamHandler(sys.stderr); "
+                      "logging.getLogger('filelock').addHandler(h); logging.getLogger('filelock').setLevel('DEBUG'); "
+                      "runpy.run_module('nanochat.dataset', run_name='__main__')")  # fmt: skip
+
+
 def test_concurrent_runs_fetch_each_shard_once(base_dir, served):
-    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_00009.parquet"):
-        served.fail(name, "stall:1")  # slow enough that the two runs overlap; below the 2 s timeout
-    args = ["-n", "2", "-w", "3", "--source", served.base_url, "--val-shard", "9", *FAST]
+    """Run A's downloads are held by the server until run B has found every shard's lock taken: the runs overlap on
+    every shard, and still each shard is fetched once."""
+    names = ("shard_00000.parquet", "shard_00001.parquet", "shard_00009.parquet")
+    for name in names:
+        served.fail(name, "hold")
+    # a long read timeout: a held download must not time out and retry (that would be a second request)
+    args = ["-n", "2", "-w", "3", "--source", served.base_url, "--val-shard", "9", "--backoff", "0.05", "--timeout",
+            "600", "--no-progress"]  # fmt: skip
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
-    procs = [subprocess.Popen([sys.executable, "-m", "nanochat.dataset", *args], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    a = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    procs, b_err, waited = [a], [], set()
+    try:
+        deadline = time.monotonic() + 300
+        while served.held < len(names):  # all three of A's downloads are at the server, held
+            assert a.poll() is None and time.monotonic() < deadline, "run A never reached the server"
+            time.sleep(0.05)
+        b = subprocess.Popen([sys.executable, "-c", _CLI_LOGGING_LOCKS, *args], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        procs.append(b)
+        for line in b.stderr:  # blocks until B logs; B cannot finish while A holds the locks
+            b_err.append(line)
+            m = re.search(r"not acquired on (\S+)\.lock,", line)
+            if m:
+                waited.add(os.path.basename(m.group(1)))
+            if waited >= set(names):
+                break
+        assert waited >= set(names), "".join(b_err)[-3000:]
+        assert served.held == len(names)  # A is still mid-download on every shard B waited for
+    finally:
+        served.release()
+    outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_00009.parquet"):
+    for name in names:
         assert served.requests[name] == 1, (name, served.requests)
     assert len(dataset.list_parquet_files()) == 3
 

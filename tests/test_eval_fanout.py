@@ -1,6 +1,7 @@
 """Evaluation fan-out on a real local Ray cluster: 2 workers give exactly the sequential numbers (CORE, chat,
-bpb), a worker SIGKILLed mid-evaluation is retried without changing them, the entry points and the async launch
-used by training work, and workers load checkpoints from an S3 base dir.
+bpb) and upstream's own numbers on its fixture, a worker SIGKILLed mid-evaluation is retried without changing them,
+the entry points and the async launch used by training work (it returns while no task can start), and workers load
+checkpoints from an S3 base dir.
 
 python -m pytest tests/test_eval_fanout.py -q
 """
@@ -149,15 +150,29 @@ def test_chat_eval_entry_point(env, capsys):
     assert json.loads((env["base"] / "chat_eval" / "sft_d2_000004.json").read_text())["results"] == expected
 
 
-def test_async_launch_for_training(env, sequential):
-    import time
+def _cpu_gate():
+    """An actor holding every free CPU until killed: 1-CPU eval tasks cannot start while it lives."""
 
+    @ray.remote
+    class Gate:
+        def ready(self):
+            return True
+
+    gate = Gate.options(num_cpus=ray.available_resources().get("CPU", 0)).remote()
+    ray.get(gate.ready.remote())
+    return gate
+
+
+def test_async_launch_for_training(env, sequential):
     model, tokenizer = env["model"], env["tokenizer"]
-    t0 = time.time()
-    core = fan.launch_core_async(fan.ModelRef.from_model(model), max_per_task=8, shards_per_task=2)
-    chat = fan.launch_chatcore_async(fan.ModelRef.from_model(model), max_cat=4, max_sample=2, batch_size=4,
-                                     max_new_tokens=12)  # fmt: skip
-    assert time.time() - t0 < 5  # returns futures, does not evaluate
+    gate = _cpu_gate()
+    try:  # launching returns while no evaluation task can even start: it does not wait for them
+        core = fan.launch_core_async(fan.ModelRef.from_model(model), max_per_task=8, shards_per_task=2)
+        chat = fan.launch_chatcore_async(fan.ModelRef.from_model(model), max_cat=4, max_sample=2, batch_size=4,
+                                         max_new_tokens=12)  # fmt: skip
+        assert not core.done() and not chat.done()
+    finally:
+        ray.kill(gate)
     assert core.result(timeout=300) == sequential[0] and core.done()
     got = chat.result(timeout=300)
     from nanochat.engine import Engine
@@ -172,6 +187,31 @@ def test_async_launch_for_training(env, sequential):
     assert got["results"] == expected
     base = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
     assert got["chatcore"] == pytest.approx(sum((expected[t] - b) / (1 - b) for t, b in base.items()) / 5)
+
+
+def test_fanout_matches_upstream_pipeline_fixture(env, tmp_path, monkeypatch):
+    """Sharded Ray evaluation of the base model that upstream evaluated (tests/fixtures/upstream_eval, see
+    tests/test_upstream_pipeline.py): CORE and chat accuracies equal upstream's own numbers."""
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "upstream_eval"
+    expected = json.loads((fixture / "expected.json").read_text())
+    base = tmp_path / "base"
+    shutil.copytree(fixture / "base", base)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))  # forwarded to the eval tasks
+    monkeypatch.setenv("NANOCHAT_TASK_DATA_DIR", str(base / "task_data"))
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    core, tasks = fan.core_units(shards_per_task=2)
+    units = core + fan.chat_units(["ARC-Easy", "ARC-Challenge", "MMLU"], shards_per_task=2, max_problems=24,
+                                  batch_size=4) + fan.chat_units(["GSM8K"], shards_per_task=2, max_problems=8,
+                                                                 max_new_tokens=24)  # fmt: skip
+    results = fan.run_units(fan.ModelRef.from_source("base", "d2", 4), units, num_workers=2, show_progress=False)
+    got_core, got_chat = fan.merge_core(units, results, tasks), fan.merge_chat(units, results)
+    assert got_core["results"] == expected["core"]["results"]
+    assert got_core["core_metric"] == pytest.approx(expected["core"]["core_metric"], abs=1e-12)
+    assert got_chat == {name: expected["chat_eval"][name]["accuracy"] for name in got_chat}
+    assert set(got_chat) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K"}
 
 
 def test_workers_load_checkpoint_from_s3(env, monkeypatch):

@@ -1,9 +1,11 @@
 """python -m pytest tests/test_job_submit.py -q
 
 The speedrun as a real Ray job: a local cluster started with `ray start --head` (free ports, its own temp dir,
-token auth on with a per-test token), `ray job submit --working-dir .`, killed mid-pretraining with `ray job stop`,
+token auth on with a per-test token), `ray job submit --working-dir .`, stopped mid-pretraining with `ray job stop`,
 re-submitted: the second job skips the finished stages, resumes pretraining from the last checkpoint (not step 0),
-succeeds, and its logs say so. Only the processes of this test's cluster are stopped (never `ray stop`).
+succeeds, and its logs say so. The first job's loop is parked after step HOLD_AT (NANOCHAT_TRAIN_HOLD_AT, a test
+hook of ray_jobs.train_common) until it is stopped, so the stop always lands at a known step on any machine. Only
+the processes of this test's cluster are stopped (never `ray stop`).
 """
 
 import json
@@ -25,6 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 ITERS, SAVE_EVERY = 24, 3
+HOLD_AT = 5  # parked after step 5: the checkpoint of step 3 exists, the one of step 6 does not
 
 
 def free_ports(n: int) -> list[int]:
@@ -73,10 +76,16 @@ class LocalCluster:
             time.sleep(2)
         else:
             raise TimeoutError("Ray head did not come up")
-        # the job agent starts a little after the dashboard: submitting too early answers "No available agent"
+        # the job agent starts a little after the dashboard: submitting too early answers "No available agent".
+        # --no-wait + the REST status: the CLI's log-following mode can hang after the job ends on a loaded machine.
         while time.time() < deadline:
-            out = self.ray("job", "submit", "--", "true", check=False, timeout=60)
-            if out.returncode == 0:
+            out = self.ray("job", "submit", "--no-wait", "--", "true", check=False, timeout=120)
+            m = re.search(r"raysubmit_\w+", out.stdout + out.stderr)
+            if out.returncode == 0 and m:
+                sid = m.group(0)
+                status = wait_for(lambda: (st := self.api(f"/api/jobs/{sid}")["status"]) in  # noqa: B023
+                                  ("SUCCEEDED", "FAILED", "STOPPED") and st, deadline - time.time(), "probe job")
+                assert status == "SUCCEEDED", self.ray("job", "logs", sid, check=False).stdout
                 return
             time.sleep(3)
         raise TimeoutError("Ray job agent did not come up")
@@ -137,10 +146,11 @@ def cluster():
         c.stop()
 
 
-def submit_args(base: Path, submission_id: str) -> list[str]:
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("NANOCHAT_DTYPE", "WANDB_MODE", "RAY_USAGE_STATS_ENABLED",
-                                                           "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION")
-                                if k in os.environ}}  # fmt: skip
+def submit_args(base: Path, submission_id: str, extra_env: dict | None = None) -> list[str]:
+    runtime_env = {"env_vars": {**{k: os.environ[k] for k in ("NANOCHAT_DTYPE", "WANDB_MODE",
+                                                              "RAY_USAGE_STATS_ENABLED",
+                                                              "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION")
+                                   if k in os.environ}, **(extra_env or {})}}  # fmt: skip
     return ["job", "submit", "--submission-id", submission_id, "--working-dir", ".", "--runtime-env-json",
             json.dumps(runtime_env), "--entrypoint-num-cpus", "0", "--no-wait", "--", sys.executable,
             "ray_jobs/speedrun.py", "--preset", "cpu-tiny", "--base-dir", str(base), "--stages",
@@ -163,6 +173,13 @@ def wait_for(cond, timeout, what):
     raise TimeoutError(what)
 
 
+def alive_train_workers(cluster) -> list[dict]:
+    """Ray Train worker actors still alive in the cluster (State API)."""
+    out = cluster.api("/api/v0/actors?limit=1000&detail=false")
+    return [a for a in out["data"]["result"]["result"]
+            if a.get("state") == "ALIVE" and "TrainWorker" in (a.get("class_name") or "")]  # fmt: skip
+
+
 def checkpoint_steps(ck_dir: Path) -> list[int]:
     if not ck_dir.exists():
         return []
@@ -176,19 +193,21 @@ def test_submit_kill_mid_pretraining_resubmit_resumes(cluster, tmp_path):
     base.mkdir()
     ck_dir = base / "base_checkpoints" / "d2"
 
-    # 1) submit; kill it once pretraining has written a checkpoint but is far from done
-    cluster.ray(*submit_args(base, "speedrun-1"))
-    wait_for(lambda: [s for s in checkpoint_steps(ck_dir) if s >= SAVE_EVERY] or job_status(cluster, "speedrun-1")
-             in ("FAILED", "SUCCEEDED"), 600, "no pretraining checkpoint")  # fmt: skip
-    killed_at = checkpoint_steps(ck_dir)
-    assert killed_at and max(killed_at) < ITERS, cluster.ray("job", "logs", "speedrun-1", check=False).stdout[-3000:]
+    # 1) submit with the loop parked after step HOLD_AT; stop the job while it is parked there
+    held = tmp_path / "held"
+    cluster.ray(*submit_args(base, "speedrun-1", {"NANOCHAT_TRAIN_HOLD_AT": f"{HOLD_AT}:{held}"}))
+    wait_for(lambda: held.exists() or job_status(cluster, "speedrun-1") in ("FAILED", "SUCCEEDED", "STOPPED"), 600,
+             "pretraining never reached the hold step")  # fmt: skip
+    logs = cluster.ray("job", "logs", "speedrun-1", check=False).stdout[-3000:]
+    assert held.exists(), logs
+    assert checkpoint_steps(ck_dir) == [SAVE_EVERY], logs  # a known state: the step-3 checkpoint and nothing later
     cluster.ray("job", "stop", "speedrun-1", timeout=180)
     wait_for(lambda: job_status(cluster, "speedrun-1") == "STOPPED", 120, "job 1 did not stop")
     logs1 = cluster.ray("job", "logs", "speedrun-1").stdout
     assert "[speedrun] tokenizer: done" in logs1 and "[speedrun] base_train: starting" in logs1
     assert "[speedrun] base_train: done" not in logs1
-    time.sleep(3)  # let the stopped job's workers exit
-    resume_from = max(checkpoint_steps(ck_dir))
+    wait_for(lambda: not alive_train_workers(cluster), 120, "job 1's training worker outlived the stop")
+    assert checkpoint_steps(ck_dir) == [SAVE_EVERY]  # the stopped job wrote nothing more
 
     # 2) re-submit the same command: finished stages are skipped, pretraining resumes, the job succeeds
     cluster.ray(*submit_args(base, "speedrun-2"))
@@ -199,7 +218,7 @@ def test_submit_kill_mid_pretraining_resubmit_resumes(cluster, tmp_path):
     assert "[speedrun] data: already done" in logs2 and "[speedrun] tokenizer: already done" in logs2
     m = re.search(r"Resuming optimization from step (\d+)", logs2)
     assert m, logs2[-4000:]
-    assert int(m.group(1)) >= resume_from >= SAVE_EVERY  # resumed, not restarted
+    assert int(m.group(1)) == SAVE_EVERY  # resumed from the checkpoint the stopped job left, not restarted
     step_lines = re.findall(rf"step (\d+)/{ITERS:05d}", logs2)
     trained = {int(s) for s in step_lines}
     assert trained and min(trained) >= int(m.group(1))  # no step before the checkpoint was recomputed

@@ -8,6 +8,7 @@ kernels (chunked AdamW, in-place Muon) equal the reference kernels bit for bit.
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -351,7 +352,18 @@ def torchrun_results(tmp_path_factory):
     def load(name):
         return torch.load(out_dir / name)
 
-    return dict(load=load, single_after=after, single_step1_state=opt2.state_dict())
+    def load_json(name):
+        return json.loads((out_dir / name).read_text())
+
+    return dict(load=load, load_json=load_json, single_after=after, single_step1_state=opt2.state_dict())
+
+
+def test_cleanup_joins_gloo_threads_before_exit(torchrun_results):
+    """compute_cleanup leaves no gloo thread behind, although the optimizers imported torch._dynamo after the group
+    existed (a thread that outlives destroy_process_group can abort the interpreter's shutdown)."""
+    for r in range(2):
+        names = torchrun_results["load_json"](f"threads_after_cleanup_rank{r}.json")
+        assert not [n for n in names if "gloo" in n], names
 
 
 def test_dist_matches_upstream_per_rank(fixture, torchrun_results):

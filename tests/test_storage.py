@@ -16,6 +16,10 @@ from nanochat import storage
 from nanochat.common import NanochatError
 from tests.s3server import S3Server
 
+# "Fails fast" means "does not hang": the regressions these catch (botocore's default 60 s connect/read timeouts,
+# each retried) take minutes; a loaded 2-core machine can take seconds for what is instant on a quiet one.
+NO_HANG_S = 55
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -108,7 +112,7 @@ def test_unreachable_endpoint_fails_fast(s3, monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(NanochatError, match="cannot reach S3.*AWS_ENDPOINT_URL"):
         storage.check_writable(s3.uri("x"))
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < NO_HANG_S
 
 
 def test_hung_endpoint_fails_fast(s3, monkeypatch):
@@ -120,7 +124,7 @@ def test_hung_endpoint_fails_fast(s3, monkeypatch):
         t0 = time.monotonic()
         with pytest.raises(NanochatError, match="AWS_ENDPOINT_URL"):
             storage.check_writable(s3.uri("x"))
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() - t0 < NO_HANG_S
 
 
 def test_missing_credentials_are_clear(s3, monkeypatch, tmp_path):
@@ -134,7 +138,7 @@ def test_missing_credentials_are_clear(s3, monkeypatch, tmp_path):
     t0 = time.monotonic()
     with pytest.raises(NanochatError, match="AWS_ACCESS_KEY_ID"):
         storage.check_writable(s3.uri("x"))
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < NO_HANG_S
 
 
 def test_open_read_and_download(root, tmp_path):
@@ -156,7 +160,7 @@ def test_bad_credentials_are_clear(monkeypatch):
             storage.check_writable(strict.uri("x"))
         with pytest.raises(NanochatError, match="InvalidAccessKeyId"):
             storage.read_bytes(strict.uri("x/model_000001.pt"))
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < NO_HANG_S
 
 
 def test_cli_reports_error_without_traceback(s3):

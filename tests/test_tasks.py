@@ -242,7 +242,7 @@ def test_humaneval_timeout_and_memory_limit(hub):
     ex = next(task[i] for i in range(len(task)) if task[i]["entry_point"] == "add")
     t0 = time.time()
     assert not task.evaluate(ex, "def add(x, y):\n    while True:\n        pass")
-    assert time.time() - t0 < 10
+    assert time.time() - t0 < 60  # does not hang: the 1 s timeout fired (without it this never returns)
     hog = "def add(x, y):\n    blob = bytearray(1024 * 1024 * 1024)\n    return x + y"
     assert not task.evaluate(ex, hog)
     looping = execute_code("while True:\n    pass", timeout=1.0)

@@ -6,7 +6,6 @@ python -m pytest tests/test_train.py -q
 import math
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -133,7 +132,6 @@ def test_batch_not_divisible_names_flags():
 
 
 def test_cli_rejects_bad_flags_before_ray(base_dir):
-    t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "ray_jobs.base_train", "--depth", "0"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -142,8 +140,7 @@ def test_cli_rejects_bad_flags_before_ray(base_dir):
                            "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "3", "--total-batch-size",
                            "256", "--num-workers", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--total-batch-size" in proc.stderr, proc.stderr
-    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
-    assert time.time() - t0 < 60
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # rejected before Ray started
 
 
 def test_unreachable_storage_fails_fast(base_dir, monkeypatch):
@@ -151,13 +148,12 @@ def test_unreachable_storage_fails_fast(base_dir, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "ray_jobs.base_train", "--data", "synthetic", "--vocab-size", "512",
                            "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size",
                            "256", "--num-workers", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
-    assert time.time() - t0 < 60
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # the storage check comes first
 
 
 # -----------------------------------------------------------------------------

@@ -4,9 +4,10 @@ python -m pytest tests/test_train_async_eval.py -q
 
 One TorchTrainer worker trains a depth-2 model on the seeded synthetic stream (a real tokenizer, so CORE can run);
 the mini eval bundle and task data of dev/make_eval_fixtures.py are served over loopback HTTP. The first CORE
-evaluation is launched while a "gate" actor holds every free CPU and its tasks ask for one CPU each, so they cannot
-even start until the loop has run GATE_STEPS more steps (the gate is released from on_step): the loop can only
-get there if it did not wait. No timing thresholds. The results must equal in-process evaluation of the
+evaluation (and, in SFT, the first chat evaluation) is launched while a "gate" actor holds every free CPU and its
+tasks ask for one CPU each, so they cannot even start until the loop has run GATE_STEPS more steps (the gate is
+released from on_step): the loop can only get there if it did not wait, and the work can only be Ray tasks. No
+timing thresholds. The results must equal in-process evaluation of the
 checkpoints of the same steps.
 """
 
@@ -46,7 +47,8 @@ class Gate:
 
 
 class GatedSink(tc.RaySink):
-    """RaySink whose first CORE launch happens behind the gate; records what the loop did meanwhile."""
+    """RaySink whose first evaluation launch (CORE in pretraining, chat eval in SFT) happens behind the gate;
+    records what the loop did meanwhile."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -55,14 +57,21 @@ class GatedSink(tc.RaySink):
     def eval_resources(self, device):
         return {"cpus_per_worker": 1, "gpus_per_worker": 0}  # always one CPU: the gate can hold the tasks back
 
-    def core_metric(self, model, tokenizer, device, step, max_per_task):
+    def _close_gate(self, step):
         if self.rank == 0 and self.log["launched_at"] is None:
             free = ray.available_resources().get("CPU", 0)
             assert free >= 1, ray.available_resources()
             self.gate = Gate.options(num_cpus=free).remote()
             ray.get(self.gate.ready.remote())
             self.log["launched_at"] = step
+
+    def core_metric(self, model, tokenizer, device, step, max_per_task):
+        self._close_gate(step)
         return super().core_metric(model, tokenizer, device, step, max_per_task)
+
+    def chat_metric(self, cfg, model, tokenizer, device, step, batch_size):
+        self._close_gate(step)
+        return super().chat_metric(cfg, model, tokenizer, device, step, batch_size)
 
     def on_step(self, step, metrics):
         if self.gate is not None and step >= self.log["launched_at"] + GATE_STEPS:
@@ -79,6 +88,10 @@ class GatedSink(tc.RaySink):
 
 def gated_worker(config):
     base_train.worker_fn(config, sink_cls=GatedSink)
+
+
+def gated_sft_worker(config):
+    chat_sft.worker_fn(config, sink_cls=GatedSink)
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +153,23 @@ def test_core_runs_as_ray_tasks_without_stalling_training(env, base_run):
     assert base_run["core_metric_step"] == STEPS
 
 
-def test_sft_chat_eval_runs_as_ray_tasks(env, base_run):
+def test_sft_chat_eval_runs_as_ray_tasks_without_stalling_training(env, base_run):
     from nanochat.checkpoint_manager import build_model
     from nanochat.sft import chat_eval
 
     # rows of 256 tokens: whole conversations with the tiny tokenizer (supervised tokens in every row)
-    cfg = SFTConfig(model_tag="async", mixture="offline", offline_size=200, num_iterations=4, max_seq_len=256,
+    cfg = SFTConfig(model_tag="async", mixture="offline", offline_size=200, num_iterations=6, max_seq_len=256,
                     total_batch_size=512, eval_every=-1, eval_tokens=512, chatcore_every=2, chatcore_max_cat=4,
                     chatcore_max_sample=2, save_every=2, device_type="cpu")  # fmt: skip
-    out = fit(chat_sft.worker_fn, cfg.to_dict(), "async-sft", env["base"])
-    last = out["step"]  # the loop stops when the loader says this batch is the last (4 - 1 prefetched)
-    assert last >= 3 and all(loss == loss for _, loss in out["losses"])  # no NaN: every row has targets
-    assert [s for s, _ in out["chatcore_metrics"]] == [2, last]
+    out = fit(gated_sft_worker, cfg.to_dict(), "async-sft", env["base"])
+    # the step-2 chat eval was launched as Ray tasks that could not start (the gate held every CPU) while the
+    # loop trained GATE_STEPS more steps: it ran as Ray tasks, and the loop did not wait for it
+    log = out["gate_log"]
+    assert log["launched_at"] == 2 and log["released_at"] == 2 + GATE_STEPS, log
+    assert log["pending_at_release"] is True, f"the SFT loop waited for its chat evaluation: {log}"
+    last = out["step"]  # the loop stops when the loader says this batch is the last (6 - 1 prefetched)
+    assert last == 5 and all(loss == loss for _, loss in out["losses"])  # no NaN: every row has targets
+    assert [s for s, _ in out["chatcore_metrics"]] == [2, 4, last]
     assert out["chatcore_metric_step"] == last and out["chatcore_metric"] == out["chatcore_metrics"][-1][1]
     for step, value in out["chatcore_metrics"]:  # each equals in-process evaluation of that step's checkpoint
         model, tokenizer, _ = build_model(out["checkpoint_dir"], step, torch.device("cpu"), phase="eval")
@@ -159,3 +177,4 @@ def test_sft_chat_eval_runs_as_ray_tasks(env, base_run):
         assert set(expected) == {"WordChoice", "Arithmetic"}
         assert value == centered(expected), (step, value, expected)
     assert out["chat_eval"] == expected  # the final results are the last step's
+
