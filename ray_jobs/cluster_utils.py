@@ -86,6 +86,12 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def connect(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -100,8 +106,19 @@ def connect(
     if ray.is_initialized():
         return _info(address, started_here=False, seconds=0.0)
     check_reachable(address)
-    kwargs = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    kwargs = {}
+    if not address:
+        # Ray Train's placement-group cleaner asks the State API whether the run's controller is alive. In an
+        # embedded cluster it finds "the" API server by looking around the host: with a second Ray instance on the
+        # machine it fails with a traceback, and without our dashboard it asks 127.0.0.1:8265, where another
+        # cluster's dashboard does not know our controller and the cleaner removes our placement group (the
+        # workers die). Give the dashboard a port of our choosing and point every process of the job at it.
+        port = _free_port()
+        if include_dashboard is not False:
+            kwargs["dashboard_port"] = port
+        env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **(env_vars or {})}
     if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
         # Under `ray job submit` the job already has a runtime env (working_dir, env_vars): merge ours into it
         # instead of failing on keys both set (ours win: e.g. the resolved NANOCHAT_BASE_DIR).
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")

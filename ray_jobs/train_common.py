@@ -218,14 +218,11 @@ def forwarded_env() -> dict:
 
 
 def ray_init(cluster: ClusterArgs):
-    """Start or join a Ray cluster, forwarding credentials and settings to every process of the job."""
-    import ray
+    """Start or join a Ray cluster (ray_jobs.cluster_utils.connect: an embedded one unless an address is given),
+    forwarding credentials and settings to every process of the job."""
+    from ray_jobs.cluster_utils import connect
 
-    if ray.is_initialized():
-        return
-    # "local": a fresh embedded cluster, never a stray `ray start` cluster found via /tmp/ray/ray_current_cluster
-    address = cluster.address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, runtime_env={"env_vars": {**gpu_env_defaults(), **forwarded_env()}}, log_to_driver=True)
+    connect(cluster.address, env_vars={**gpu_env_defaults(), **forwarded_env()})
 
 
 def default_storage() -> str:
