@@ -348,6 +348,9 @@ def main_inproc(argv=None):
     p.add_argument("--user-len", type=int, default=64)
     p.add_argument("--reply-len", type=int, default=32)
     args = p.parse_args(argv)
+    if args.prompt_len + args.max_tokens > args.sequence_len:
+        p.error(f"--prompt-len {args.prompt_len} + --max-tokens {args.max_tokens} must fit in --sequence-len "
+                f"{args.sequence_len}: lower them or raise --sequence-len")
     os.environ["NANOCHAT_DTYPE"] = args.dtype  # before nanochat is imported
     from serve.batching import BatchScheduler
 

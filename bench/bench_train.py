@@ -233,6 +233,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="--paths: rounds of the four rows")
     p.add_argument("--warm-cache", action="store_true", help="--paths: keep each row's inductor cache across rounds")
     args = p.parse_args(argv)
+    if args.steps < 3:  # the rate is the median step time after two warm-up steps
+        p.error(f"--steps must be at least 3 (got {args.steps}): the first two steps are warm-up")
     os.environ.setdefault("NANOCHAT_DTYPE", "float32")
     if args.paths:
         prepare_base_dir(args.base_dir)

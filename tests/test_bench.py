@@ -92,3 +92,13 @@ def test_bench_gpu_without_shards_names_the_fix(tmp_path):
     proc = run_bench("bench_gpu.py", ["--device", "cpu", "--smoke"], tmp_path, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "set NANOCHAT_BASE_DIR" in proc.stderr and "base_data_climbmix" in proc.stderr
+
+
+@pytest.mark.parametrize("script,args,fix", [
+    ("bench_train.py", ["--steps", "2"], "--steps must be at least 3"),
+    ("bench_serve.py", ["--sequence-len", "64", "--prompt-len", "64"], "raise --sequence-len"),
+])  # fmt: skip
+def test_bad_sizes_name_the_fix_in_one_line(script, args, fix, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and fix in proc.stderr, proc.stderr
