@@ -130,6 +130,7 @@ def main(argv=None):
 
     print("Starting NanoChat Web Server")
     print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}")
+    embedded = not os.environ.get("RAY_ADDRESS")
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local")  # embedded unless RAY_ADDRESS names a cluster
     try:
         chat_args = app_args(args, ray.cluster_resources().get("GPU", 0))
@@ -153,8 +154,11 @@ def main(argv=None):
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("Shutting down")
-        serve.delete("chat")
+        print("Shutting down", flush=True)
+        if embedded:  # the whole embedded cluster goes, Serve with it: no app-by-app teardown to wait for
+            ray.shutdown()
+        else:  # a shared cluster keeps running: remove just this app
+            serve.delete("chat")
     return 0
 
 

@@ -109,5 +109,9 @@ def test_chat_cli_multi_turn_conversation_with_the_server(chat_web):
 def test_sigint_stops_the_server(chat_web):
     proc = chat_web["proc"]
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=300) == 0, "".join(chat_web["lines"])[-3000:]
+    try:
+        code = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server did not stop within 300 s of Ctrl-C:\n" + "".join(chat_web["lines"])[-3000:])
+    assert code == 0, "".join(chat_web["lines"])[-3000:]
     assert "Shutting down" in "".join(chat_web["lines"])

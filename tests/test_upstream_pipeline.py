@@ -56,11 +56,14 @@ G = _load_generator()  # the generator's settings and helpers (it imports only s
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 FORMATS = json.loads((FIXTURE / "checkpoint_format.json").read_text())
 # Meta keys ours writes beyond upstream's (resume state, launcher record); anything else new fails the format test.
+# (save_reason: why the checkpoint was written (steps, minutes, preemption, final); pending_evals: async evaluations
+# not yet reported when it was written, relaunched after a restart. Upstream's loaders ignore keys they do not read.)
 OUR_EXTRA_META = {
-    "base": {"world_size", "dataloader_state_dicts", "run_id", "plan", "launcher"},
-    "sft": {"loop_state", "world_size", "dataloader_state_dicts", "run_id", "launcher"},
-    "rl": {"step", "user_config", "run_id", "launcher"},
-}
+    "base": {"world_size", "dataloader_state_dicts", "run_id", "plan", "launcher", "save_reason", "pending_evals"},
+    "sft": {"loop_state", "world_size", "dataloader_state_dicts", "run_id", "launcher", "save_reason",
+            "pending_evals"},
+    "rl": {"step", "user_config", "run_id", "launcher", "save_reason"},
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
