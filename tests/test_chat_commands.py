@@ -30,6 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _terminal_sigint():
+    """In the server: Ctrl-C's default action, as in a terminal. A pytest started in the background of a
+    non-interactive shell (as some CI runners do) ignores SIGINT, children inherit that, and Python then installs no
+    KeyboardInterrupt handler: the server would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def chat_web(tmp_path_factory):
     base = tmp_path_factory.mktemp("chat_web_base")
@@ -41,7 +48,8 @@ def chat_web(tmp_path_factory):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "serve.chat_web", "--base-dir", str(base), "--host", "127.0.0.1",
                              "-p", str(port), "-m", "16"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_terminal_sigint)  # fmt: skip
     lines, ready = [], threading.Event()
 
     def read():
