@@ -11,6 +11,8 @@ world size, the per-step log line, val bpb, samples, and checkpoints in `base_ch
 - the logged loss is the mean over all micro-steps and ranks (upstream logs rank 0's last micro-step);
 - the checkpoint meta also records `world_size` and every rank's data position, so a resume may change the number
   of workers (the optimizer state is re-sharded) and knows when a checkpoint is complete;
+- `uneven_batch=1` lets a world size the batch does not divide over deal out the micro-batches unevenly (the step
+  is still their mean), which elastic Ray runs use after shrinking;
 - `data="synthetic"` is a seeded token stream whose batches do not depend on the world size (tests, benchmarks).
 
 Run single-process (CPU example, like upstream's docstring):
@@ -55,6 +57,7 @@ from nanochat.train_config import (
     muon_weight_decay,
     plan_for,
     print_plan,
+    rank_share,
     scaling_params,
 )
 from nanochat.train_io import (
@@ -210,7 +213,8 @@ class _Run:
             states = meta.get("dataloader_state_dicts")
             data_state = {"ranks": states} if states else meta.get("dataloader_state_dict")
         self.train_loader, self.build_val_loader = _make_loaders(
-            cfg, self.tokenizer, self.vocab_size, self.device, self.rank, self.world, data_state, self.sink)
+            cfg, self.tokenizer, self.vocab_size, self.device, self.rank, self.world, data_state, self.sink,
+            self.plan.micro_batches)
         self.x, self.y, self.data_state = next(self.train_loader)  # kick off the first batch
         # position after the last batch trained on: what a checkpoint records, so a resume continues right after it
         self.consumed_state = data_state
@@ -219,6 +223,13 @@ class _Run:
         print0(f"Tokens / micro-batch: {B * T * self.world:,}")
         print0(f"Total batch size {self.plan.total_batch_size:,} => gradient accumulation steps: "
                f"{self.plan.grad_accum_steps}")
+        # this rank's micro-steps, and the divisor that makes the ranks' averaged gradients the mean over all of them
+        m = self.plan.micro_batches
+        self.micro_steps, self.loss_div = rank_share(m, self.world, self.rank), m / self.world
+        if m % self.world:
+            busy = "rank 0 runs" if m % self.world == 1 else f"ranks 0-{m % self.world - 1} run"
+            print0(f"Uneven batch: {m} micro-batches over {self.world} workers: {busy} {m // self.world + 1} "
+                   f"micro-steps, the others {m // self.world} (--uneven-batch)")
 
     # ---- periodic work
 
@@ -344,10 +355,10 @@ class _Run:
         self.sync()
         t0 = time.time()
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(plan.grad_accum_steps):
+        for _ in range(self.micro_steps):
             loss = self.model(self.x, self.y)
             loss_sum += loss.detach()
-            loss = loss / plan.grad_accum_steps  # each backward adds to .grad, so average here
+            loss = loss / self.loss_div  # each backward adds to .grad; the optimizer then averages over ranks
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             self.consumed_state = self.data_state
             self.x, self.y, self.data_state = next(self.train_loader)  # prefetch while the device works
@@ -368,7 +379,7 @@ class _Run:
         else:
             self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        step_loss = loss_sum / plan.grad_accum_steps
+        step_loss = loss_sum / self.loss_div
         if self.ddp and is_ddp_initialized():
             dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)  # mean over ranks (gloo has no AVG)
             step_loss /= self.world

@@ -72,6 +72,9 @@ class BaseTrainConfig:
                                          "time (-1 = off)")
     keep_checkpoints: int = _f(2, "retention: keep this run's newest K checkpoints plus the final one (-1 = all)")
     background_save: int = _f(1, "1: copy the state to host memory and write it in the background; 0: block")
+    uneven_batch: int = _f(-1, "a worker count the batch's micro-batches do not divide over: 1 deals them out "
+                               "round-robin (some ranks run one more; same math), 0 is an error (upstream), -1 auto "
+                               "(1 for the smaller sizes of an elastic Ray run, else 0)")
 
     def __post_init__(self):
         self.validate()
@@ -100,8 +103,11 @@ class BaseTrainConfig:
         check_checkpoint_flags(self.save_every_minutes, self.keep_checkpoints)
         if self.data not in ("parquet", "synthetic"):
             raise NanochatError(f"--data {self.data!r} is unknown: use parquet or synthetic")
+        if self.uneven_batch not in (-1, 0, 1):
+            raise NanochatError(f"--uneven-batch must be 1, 0 or -1 (got {self.uneven_batch})")
         if self.total_batch_size > 0 and world_size is not None:
-            check_batch_divisible(self.total_batch_size, self.device_batch_size, self.max_seq_len, world_size)
+            micro_batches(self.total_batch_size, self.device_batch_size, self.max_seq_len, world_size,
+                          self.uneven_batch == 1)
 
     @property
     def tag(self) -> str:
@@ -137,6 +143,31 @@ def check_batch_divisible(total_batch_size: int, device_batch_size: int, max_seq
             f"change --total-batch-size, --device-batch-size or the number of workers"
         )
     return total_batch_size // world_tokens
+
+
+def micro_batches(total_batch_size: int, device_batch_size: int, max_seq_len: int, world_size: int,
+                  uneven: bool = False) -> int:
+    """Micro-batches per optimizer step over all ranks; rank r runs rank_share(that, world_size, r) of them.
+
+    Each rank scales its micro-step losses by world/M, and the optimizer averages gradients over ranks, so the step
+    is the mean over all M micro-batches however they are dealt out. uneven=False keeps upstream's rule (every rank
+    the same count, else an error naming the flags); uneven=True only needs whole micro-batches, at least one a rank.
+    """
+    if not uneven:
+        return check_batch_divisible(total_batch_size, device_batch_size, max_seq_len, world_size) * world_size
+    rows = device_batch_size * max_seq_len
+    if total_batch_size % rows != 0 or total_batch_size // rows < world_size:
+        raise NanochatError(
+            f"total_batch_size ({total_batch_size}) must be a multiple of {rows} (--device-batch-size "
+            f"{device_batch_size} x --max-seq-len {max_seq_len}) with at least one micro-batch for each of "
+            f"{world_size} workers: change --total-batch-size, --device-batch-size or the number of workers"
+        )
+    return total_batch_size // rows
+
+
+def rank_share(n: int, world: int, rank: int) -> int:
+    """How many of n items, dealt round-robin over world ranks, rank gets (ranks below n % world get one more)."""
+    return n // world + (rank < n % world)
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +210,8 @@ class Plan:
     num_iterations: int
     horizon_source: str
     flops_per_token: float
-    grad_accum_steps: int
+    grad_accum_steps: int  # micro-steps of the busiest rank (all ranks alike unless the batch is dealt unevenly)
+    micro_batches: int  # over all ranks, per optimizer step
 
 
 def derive_plan(
@@ -201,9 +233,9 @@ def derive_plan(
         num_iterations, source = round(cfg.target_flops / (flops_per_token * total)), "flops"
     else:
         num_iterations, source = target_tokens // total, "ratio"
-    grad_accum = check_batch_divisible(total, cfg.device_batch_size, cfg.max_seq_len, world_size)
+    micro = micro_batches(total, cfg.device_batch_size, cfg.max_seq_len, world_size, cfg.uneven_batch == 1)
     return Plan(num_scaling_params, target_tokens, d_ref, total, auto, batch_lr_scale, weight_decay,
-                num_iterations, source, flops_per_token, grad_accum)  # fmt: skip
+                num_iterations, source, flops_per_token, -(-micro // world_size), micro)  # fmt: skip
 
 
 def plan_for(cfg: BaseTrainConfig, vocab_size: int, world_size: int, model=None) -> Plan:

@@ -90,35 +90,40 @@ class TrainSink:
 # Data: the library's loaders, and a seeded synthetic stream whose batches do not depend on the world size
 
 
-def synthetic_loader(B: int, T: int, vocab_size: int, seed: int, rank: int, world: int, device, state=None):
+def synthetic_loader(B: int, T: int, vocab_size: int, seed: int, rank: int, world: int, device, state=None,
+                     per_step: int | None = None):
     """Yields (inputs, targets, state). Row g of the global stream is random tokens from generator seed+g.
 
-    Micro-step k of rank r holds global rows [row0 + (k*W + r)*B, ... + B), so the rows of one optimizer step are
-    the same for (W workers, A accumulation steps) and (W*A workers, 1 step). state = {"row": the global row after
-    this batch's micro-step group}; a loader resumed from it continues with the next batch (any world size).
+    An optimizer step holds per_step micro-batches of B rows (default: one per rank), dealt round-robin: micro-batch
+    j of the step is rank j % W's micro-step j // W. So the rows of a step are the same for (W workers, A
+    accumulation steps), (W*A workers, 1 step), and any uneven deal. state = {"row": the first row of the next
+    step}; a loader resumed from it continues there (any world size).
     """
     if state is not None and "ranks" in state:
         state = state["ranks"][0]  # the position is global: every rank's entry holds the same row
     row0 = 0 if state is None else int(state["row"])
+    per_step = world if per_step is None else per_step
     gen = torch.Generator()
-    k = 0
+    step = 0
     while True:
-        group_row = row0 + k * world * B
-        rows = []
-        for i in range(B):
-            gen.manual_seed(seed * 1_000_003 + group_row + rank * B + i)
-            rows.append(torch.randint(0, vocab_size, (T + 1,), generator=gen))
-        batch = torch.stack(rows).to(device)
-        state = {"row": group_row + world * B, "epoch": 1, "pq_idx": 0, "rg_idx": 0}
-        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), state
-        k += 1
+        step_row = row0 + step * per_step * B
+        state = {"row": step_row + per_step * B, "epoch": 1, "pq_idx": 0, "rg_idx": 0}
+        for j in range(rank, per_step, world):
+            rows = []
+            for i in range(B):
+                gen.manual_seed(seed * 1_000_003 + step_row + j * B + i)
+                rows.append(torch.randint(0, vocab_size, (T + 1,), generator=gen))
+            batch = torch.stack(rows).to(device)
+            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), state
+        step += 1
 
 
-def _make_loaders(cfg, tokenizer, vocab_size, device, rank, world, resume_state, sink):
-    """(train iterator of (x, y, state), function building a fresh val iterator of (x, y))."""
+def _make_loaders(cfg, tokenizer, vocab_size, device, rank, world, resume_state, sink, per_step=None):
+    """(train iterator of (x, y, state), function building a fresh val iterator of (x, y)). per_step: micro-batches
+    of an optimizer step over all ranks (the synthetic stream's layout)."""
     B, T = cfg.device_batch_size, cfg.max_seq_len
     if cfg.data == "synthetic":
-        train = synthetic_loader(B, T, vocab_size, cfg.seed, rank, world, device, resume_state)
+        train = synthetic_loader(B, T, vocab_size, cfg.seed, rank, world, device, resume_state, per_step)
         val = lambda: ((x, y) for x, y, _ in synthetic_loader(B, T, vocab_size, cfg.seed + 1, rank, world, device))
     else:
         from nanochat.dataloader import (

@@ -10,6 +10,7 @@ Every flag combination is validated (and storage checked) before Ray starts. Res
 wrote it. Checkpoints: <base dir>/base_checkpoints/<tag>/ (local or s3://); Ray run state: --storage.
 """
 
+import dataclasses
 import functools
 import sys
 
@@ -35,7 +36,11 @@ def prepare(cfg: BaseTrainConfig, cluster: tc.ClusterArgs) -> tuple[BaseTrainCon
         from nanochat.tokenizer import get_tokenizer
 
         vocab_size = get_tokenizer().get_vocab_size()
-    # batch divisibility for every world size the run may take
+    # batch divisibility for every world size the run may take. --uneven-batch -1: the full size by upstream's rule,
+    # the smaller sizes of an elastic run dealt unevenly (so losing any node leaves a size the run can continue at)
+    if cfg.uneven_batch == -1:
+        plan_for(dataclasses.replace(cfg, uneven_batch=0), vocab_size, max(tc.world_sizes(cluster)))
+        cfg.uneven_batch = int(len(tc.world_sizes(cluster)) > 1)
     tc.check_world_sizes(cluster, lambda world: plan_for(cfg, vocab_size, world))
     from nanochat.common import get_base_dir
 

@@ -50,3 +50,26 @@ def test_every_world_size_is_checked_up_front():
     assert two.min_workers == 1  # 1 and 2 both divide: fully elastic
     with pytest.raises(NanochatError):  # the full size itself never divides: always an error
         tc.check_world_sizes(tc.ClusterArgs(num_workers=3, min_workers=1, narrow_elastic=True), check)
+
+
+def test_elastic_pretraining_deals_the_batch_unevenly_below_the_full_size(tmp_path, monkeypatch):
+    """A node lost from an elastic run may leave a worker count the batch does not divide over: base_train deals the
+    micro-batches out unevenly there (tests/test_torchrun.py: same math), so every size stays possible."""
+    from ray_jobs import base_train
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    kw = dict(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=64, device_batch_size=2, total_batch_size=512,
+              num_iterations=4, data="synthetic", vocab_size=512, device_type="cpu")  # 4 micro-batches of 2 x 64
+    elastic = tc.ClusterArgs(num_workers=4, min_workers=1, narrow_elastic=True, storage=str(tmp_path / "runs"))
+    cfg, _, _ = base_train.prepare(BaseTrainConfig(**kw), elastic)
+    assert cfg.uneven_batch == 1 and elastic.min_workers == 1  # 3 workers: 2/1/1 micro-steps, not a narrower range
+    plan = plan_for(cfg, 512, 3)
+    assert (plan.micro_batches, plan.grad_accum_steps) == (4, 2)
+    fixed = tc.ClusterArgs(num_workers=4, storage=str(tmp_path / "runs"))
+    assert base_train.prepare(BaseTrainConfig(**kw), fixed)[0].uneven_batch == 0  # fixed size: upstream's rule
+    with pytest.raises(NanochatError, match="3 workers"):  # the full size must still divide (or ask: --uneven-batch 1)
+        base_train.prepare(BaseTrainConfig(**kw), tc.ClusterArgs(num_workers=3, min_workers=1))
+    with pytest.raises(NanochatError, match="at least one micro-batch for each of 5 workers"):
+        plan_for(BaseTrainConfig(**kw, uneven_batch=1), 512, 5)
+    with pytest.raises(NanochatError, match="--uneven-batch must be 1, 0 or -1"):
+        BaseTrainConfig(**kw, uneven_batch=2)
