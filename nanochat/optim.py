@@ -26,47 +26,33 @@ scratch buffer; on 32768-row embedding tables about 6x faster than the allocatin
 (overwrites temporaries it owns, preallocated polar-iteration buffers; also used for eager CUDA). Eager CUDA AdamW
 runs the reference formula (the caching allocator makes its temporaries cheap there).
 
-Distribution (world > 1), three phases so communication overlaps compute:
-  1. launch every reduction: AdamW params with < 1024 elements all_reduce(AVG) their grad (state replicated);
-     larger AdamW params reduce_scatter(AVG) along dim 0 (each rank owns ceil(rows/W) rows); each Muon group stacks
-     its K grads, zero-pads to ceil(K/W)*W and reduce_scatters, so each rank owns ceil(K/W) matrices.
-  2. per group: wait, update the owned slice, launch the all_gather of the updated slice.
-  3. wait for the gathers and copy the gathered values back into the parameters.
-  NCCL (and gloo builds that support them) use reduce_scatter / all_gather natively. A gloo build without
-  reduce_scatter or ReduceOp.AVG falls back to all_reduce(SUM) / W followed by slicing, and to a list all_gather;
-  the choice is probed once per optimizer (NANOCHAT_OPTIM_COMM=native|fallback forces one). Upstream asserts that
-  shape[0] % W == 0 for large AdamW params; here other sizes work too (rows are zero-padded to ceil(rows/W)*W,
-  which leaves the divisible case, and therefore the file format, exactly as upstream).
-
-Checkpoint format and re-sharding
----------------------------------
-state_dict()/load_state_dict() are torch.optim.Optimizer's, so a rank's file (optim_{step:06d}_rank{r}.pt) has
-upstream's layout and interchanges with upstream at the same world size W:
-    state[i] for AdamW param i: {"step": int, "exp_avg", "exp_avg_sq"} -- the full tensor if W == 1 or
-        numel < 1024, else rows [r*c, (r+1)*c) with c = ceil(rows/W) (zero rows past the end).
-    state[j] for the FIRST param j of each Muon group (the group's state lives there):
-        {"momentum_buffer": (c, m, n), "second_momentum_buffer": (c, m, 1) if m >= n else (c, 1, n)},
-        c = ceil(K/W); rank r holds matrices [r*c, r*c + c) of the group, zero-padded.
-    param_groups: the groups' hyperparameters (kind, lr, initial_lr, ...), identical on every rank.
-The "full" state is simply the W == 1 layout. To resume with a different number of ranks, load ALL old rank files
-(their count is the old W) and call
-    full = gather_full_optimizer_state(rank_state_dicts, optimizer)      # W_old rank dicts -> W == 1 layout
-    optimizer.load_state_dict(shard_optimizer_state(full, optimizer, rank, world_size))
-or the shortcut load_resharded_state_dict(optimizer, rank_state_dicts). Loading a rank file whose shapes do not fit
-the current world size raises NanochatError instead of silently mixing shards.
+Distribution across ranks (sharded state, overlapped collectives) and checkpoint re-sharding live in
+nanochat/optim_dist.py; this module re-exports its public functions.
 """
 
 import math
 import os
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from nanochat.common import COMPUTE_DTYPE, NanochatError
 
-# AdamW params with fewer elements are all-reduced and updated whole on every rank (not worth sharding).
-SMALL_PARAM_NUMEL = 1024
+# The checkpoint functions are re-exported: callers import them from nanochat.optim.
+from nanochat.optim_dist import (  # noqa: F401
+    Comm,
+    Pending,
+    adamw_rows_per_rank,
+    chain,
+    check_state_dict_world,
+    dist_rank_world,
+    gather_full_optimizer_state,
+    load_resharded_state_dict,
+    muon_chunk,
+    muon_second_shape,
+    probe_native,
+    shard_optimizer_state,
+)
 
 # Polar Express coefficients (Amsel et al. 2025, arXiv:2505.16932) for 5 iterations, safety 2e-2, cushion 2.
 # Each tuple (a, b, c) defines one odd polynomial X -> a X + b (X X^T) X + c (X X^T)^2 X.
@@ -77,6 +63,7 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+
 
 # -----------------------------------------------------------------------------
 # Kernels (plain functions; MuonAdamW optionally runs torch.compile'd copies of them)
@@ -284,141 +271,6 @@ def _kernel(fn, compiled: bool):
 
 
 # -----------------------------------------------------------------------------
-# Collectives: native reduce_scatter/all_gather, or an all_reduce-based fallback for limited gloo builds
-
-
-def _native_fns():
-    # torch >= 2.12 renamed the single-tensor collectives; the old names still work but warn.
-    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return reduce_scatter, all_gather
-
-
-class _Pending:
-    """An in-flight collective plus the local work to run once it completes."""
-
-    def __init__(self, work, finish=None):
-        self.work, self.finish = work, finish
-
-    def wait(self) -> None:
-        if self.work is not None:
-            self.work.wait()
-        if self.finish is not None:
-            self.finish()
-
-
-class _Comm:
-    """Averaging collectives over the default process group, in native or fallback mode."""
-
-    def __init__(self, rank: int, world: int, native: bool):
-        self.rank, self.world, self.native = rank, world, native
-
-    def all_reduce_avg(self, t: Tensor) -> _Pending:
-        if self.native:
-            return _Pending(dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True))
-        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
-        return _Pending(work, lambda: t.div_(self.world))
-
-    def reduce_scatter_avg(self, out: Tensor, inp: Tensor) -> _Pending:
-        """out (c, ...) = average over ranks of inp[rank*c:(rank+1)*c]; inp has W*c rows."""
-        if self.native:
-            reduce_scatter, _ = _native_fns()
-            return _Pending(reduce_scatter(out, inp, op=dist.ReduceOp.AVG, async_op=True))
-        total = inp.clone()  # all_reduce works in place; never clobber the caller's grad
-        work = dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True)
-        rows = out.size(0)
-
-        def finish():
-            out.copy_(total[self.rank * rows:(self.rank + 1) * rows]).div_(self.world)
-
-        return _Pending(work, finish)
-
-    def all_gather(self, out: Tensor, inp: Tensor) -> _Pending:
-        """out (W*c, ...) = concatenation of every rank's inp (c, ...)."""
-        if self.native:
-            _, all_gather = _native_fns()
-            return _Pending(all_gather(out, inp, async_op=True))
-        # inp may be a view into out (in-place gather), so send a private copy.
-        chunks = list(out.chunk(self.world))
-        return _Pending(dist.all_gather(chunks, inp.clone(), async_op=True))
-
-
-def _probe_native(rank: int, world: int) -> bool:
-    """Whether this backend supports reduce_scatter(AVG) and single-tensor all_gather (probed collectively)."""
-    forced = os.environ.get("NANOCHAT_OPTIM_COMM")
-    if forced in ("native", "fallback"):
-        return forced == "native"
-    if forced:
-        raise NanochatError(f"NANOCHAT_OPTIM_COMM={forced!r}: use 'native' or 'fallback' (or unset it)")
-    if "nccl" in str(dist.get_backend()):  # also "cpu:gloo,cuda:nccl" groups
-        return True
-    reduce_scatter, all_gather = _native_fns()
-    try:
-        # Every rank runs the same build, so either all ranks raise here (before any traffic) or none does.
-        out = torch.empty(1)
-        reduce_scatter(out, torch.ones(world), op=dist.ReduceOp.AVG)
-        all_gather(torch.empty(world), out)
-        return True
-    except (RuntimeError, NotImplementedError, ValueError):
-        return False
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-# -----------------------------------------------------------------------------
-# Sharding layout (shared by step(), the state-shape check and the re-sharding functions)
-
-
-def _adamw_rows_per_rank(p: Tensor, world: int) -> int | None:
-    """Rows of p each rank owns, or None when p is updated whole on every rank."""
-    if world == 1 or p.numel() < SMALL_PARAM_NUMEL:
-        return None
-    return -(-p.shape[0] // world)
-
-
-def _muon_chunk(num_params: int, world: int) -> int:
-    return -(-num_params // world)
-
-
-def _muon_second_shape(chunk: int, shape: torch.Size) -> tuple[int, int, int]:
-    # Factored second moment: one value per row for tall/square matrices, one per column for wide ones.
-    return (chunk, shape[-2], 1) if shape[-2] >= shape[-1] else (chunk, 1, shape[-1])
-
-
-def _iter_layout(param_groups: list[dict], world: int):
-    """Yield (state_index, kind, group, param, shard) in state_dict() index order.
-
-    shard = rows per rank (AdamW, None = whole), or matrices per rank (Muon, reported on the group's first param;
-    the other params of a Muon group are yielded with shard None and carry no state).
-    """
-    index = 0
-    for group in param_groups:
-        kind = group["kind"]
-        for i, p in enumerate(group["params"]):
-            if kind == "adamw":
-                yield index, kind, group, p, _adamw_rows_per_rank(p, world)
-            else:
-                yield index, kind, group, p, (_muon_chunk(len(group["params"]), world) if i == 0 else None)
-            index += 1
-
-
-def _expected_state_shapes(param_groups: list[dict], world: int) -> dict[int, dict[str, tuple]]:
-    shapes = {}
-    for index, kind, _group, p, shard in _iter_layout(param_groups, world):
-        if kind == "adamw":
-            s = tuple(p.shape) if shard is None else (shard, *p.shape[1:])
-            shapes[index] = {"exp_avg": s, "exp_avg_sq": s}
-        elif shard is not None:
-            shapes[index] = {"momentum_buffer": (shard, *p.shape),
-                             "second_momentum_buffer": _muon_second_shape(shard, p.shape)}
-    return shapes
-
-
-# -----------------------------------------------------------------------------
 # The optimizer
 
 
@@ -431,7 +283,7 @@ class MuonAdamW(torch.optim.Optimizer):
             _validate_group(g)
         super().__init__(param_groups, defaults={})
         self._compile_request = compile
-        self._comm: _Comm | None = None
+        self._comm: Comm | None = None
         self._scratch: Tensor | None = None
         # 0-D CPU tensors: refilled each step; a compiled kernel treats them as inputs, not constants.
         names = ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum", "muon_lr", "muon_wd", "muon_beta2")
@@ -455,20 +307,20 @@ class MuonAdamW(torch.optim.Optimizer):
             self._scratch = torch.empty(size, dtype=torch.float32)
         return self._scratch
 
-    def _get_comm(self, rank: int, world: int) -> _Comm:
+    def _get_comm(self, rank: int, world: int) -> Comm:
         if self._comm is None or (self._comm.rank, self._comm.world) != (rank, world):
-            self._comm = _Comm(rank, world, native=_probe_native(rank, world))
+            self._comm = Comm(rank, world, native=probe_native(rank, world))
         return self._comm
 
     # ----- AdamW
 
-    def _launch_adamw(self, group: dict, comm: _Comm | None) -> list[dict]:
+    def _launch_adamw(self, group: dict, comm: Comm | None) -> list[dict]:
         infos = []
         for p in group["params"]:
             if p.grad is None:
                 raise NanochatError("MuonAdamW.step(): a parameter has no gradient; every parameter must take "
                                     "part in the loss (upstream has the same requirement)")
-            rows = None if comm is None else _adamw_rows_per_rank(p, comm.world)
+            rows = None if comm is None else adamw_rows_per_rank(p, comm.world)
             if comm is None:
                 infos.append(dict(pending=None, grad=p.grad, rows=None))
             elif rows is None:
@@ -483,7 +335,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 infos.append(dict(pending=comm.reduce_scatter_avg(grad_slice, grad), grad=grad_slice, rows=rows))
         return infos
 
-    def _update_adamw(self, group: dict, infos: list[dict], comm: _Comm | None, gathers: list[_Pending]) -> None:
+    def _update_adamw(self, group: dict, infos: list[dict], comm: Comm | None, gathers: list[Pending]) -> None:
         hp = self._hp
         compiled = self._use_compile()
         kernel = _kernel(adamw_step_fused, compiled)
@@ -526,12 +378,12 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 full = p.new_empty((rows * comm.world, *p.shape[1:]))
                 pending = comm.all_gather(full, p_slice)
-                gathers.append(_Pending(pending.work, _chain(pending.finish, lambda p=p, full=full:
+                gathers.append(Pending(pending.work, chain(pending.finish, lambda p=p, full=full:
                                                              p.copy_(full[:p.shape[0]]))))
 
     # ----- Muon
 
-    def _launch_muon(self, group: dict, comm: _Comm | None) -> dict:
+    def _launch_muon(self, group: dict, comm: Comm | None) -> dict:
         params = group["params"]
         if any(p.grad is None for p in params):
             raise NanochatError("MuonAdamW.step(): a Muon parameter has no gradient; every parameter must take "
@@ -539,7 +391,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if comm is None:
             return dict(pending=None, grad_chunk=torch.stack([p.grad for p in params]), chunk=len(params),
                         stacked=None)
-        chunk = _muon_chunk(len(params), comm.world)
+        chunk = muon_chunk(len(params), comm.world)
         p0 = params[0]
         stacked = p0.new_empty((chunk * comm.world, *p0.shape))
         torch.stack([p.grad for p in params], out=stacked[:len(params)])
@@ -548,7 +400,7 @@ class MuonAdamW(torch.optim.Optimizer):
         return dict(pending=comm.reduce_scatter_avg(grad_chunk, stacked), grad_chunk=grad_chunk, chunk=chunk,
                     stacked=stacked)
 
-    def _update_muon(self, group: dict, info: dict, comm: _Comm | None, gathers: list[_Pending]) -> None:
+    def _update_muon(self, group: dict, info: dict, comm: Comm | None, gathers: list[Pending]) -> None:
         if info["pending"] is not None:
             info["pending"].wait()
         params, chunk = group["params"], info["chunk"]
@@ -560,7 +412,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = p0.new_zeros((chunk, *p0.shape))
         if "second_momentum_buffer" not in state:
-            state["second_momentum_buffer"] = p0.new_zeros(_muon_second_shape(chunk, p0.shape))
+            state["second_momentum_buffer"] = p0.new_zeros(muon_second_shape(chunk, p0.shape))
         m, n = p0.shape[-2], p0.shape[-1]
         red_dim = -1 if m >= n else -2
         stacked_owned = None
@@ -577,14 +429,14 @@ class MuonAdamW(torch.optim.Optimizer):
                    state["second_momentum_buffer"][:owned], hp["momentum"], hp["muon_lr"], hp["muon_wd"],
                    hp["muon_beta2"], group["ns_steps"], red_dim)
         if comm is None:
-            gathers.append(_Pending(None, lambda: torch._foreach_copy_(params, list(stacked_owned.unbind(0)))))
+            gathers.append(Pending(None, lambda: torch._foreach_copy_(params, list(stacked_owned.unbind(0)))))
             return
         updated = p0.new_zeros((chunk, *p0.shape))
         if owned > 0:
             updated[:owned].copy_(stacked_owned)
         stacked = info["stacked"]  # the reduce_scatter input is free again: gather into it
         pending = comm.all_gather(stacked, updated)
-        gathers.append(_Pending(pending.work, _chain(pending.finish, lambda: torch._foreach_copy_(
+        gathers.append(Pending(pending.work, chain(pending.finish, lambda: torch._foreach_copy_(
             params, list(stacked[:len(params)].unbind(0))))))
 
     # ----- step
@@ -593,13 +445,13 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MuonAdamW.step() takes no closure")
-        rank, world = _dist_rank_world()
+        rank, world = dist_rank_world()
         comm = self._get_comm(rank, world) if world > 1 else None
         # Phase 1: launch every reduction.
         launched = [self._launch_adamw(g, comm) if g["kind"] == "adamw" else self._launch_muon(g, comm)
                     for g in self.param_groups]
         # Phase 2: per group, wait for its reduction, update the owned shard, launch its gather.
-        gathers: list[_Pending] = []
+        gathers: list[Pending] = []
         for group, info in zip(self.param_groups, launched):
             if group["kind"] == "adamw":
                 self._update_adamw(group, info, comm, gathers)
@@ -613,19 +465,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, after checking that the shard shapes fit this world size."""
-        _, world = _dist_rank_world()
+        _, world = dist_rank_world()
         check_state_dict_world(state_dict, self, world)
         super().load_state_dict(state_dict)
-
-
-def _chain(*fns):
-    fns = [f for f in fns if f is not None]
-
-    def run():
-        for f in fns:
-            f()
-
-    return run
 
 
 def _validate_group(g: dict) -> None:
@@ -644,92 +486,3 @@ def _validate_group(g: dict) -> None:
             raise ValueError(f"MuonAdamW: a muon group needs 2-D params of one shape, got shapes {sorted(shapes)}")
         if not 1 <= g["ns_steps"] <= len(POLAR_EXPRESS_COEFFS):
             raise ValueError(f"MuonAdamW: ns_steps must be in 1..{len(POLAR_EXPRESS_COEFFS)}, got {g['ns_steps']}")
-
-
-# -----------------------------------------------------------------------------
-# Re-sharding: per-rank state dicts <-> the world-size-1 ("full") layout
-
-
-def check_state_dict_world(state_dict: dict, optimizer: torch.optim.Optimizer, world: int) -> None:
-    """Raise NanochatError if state_dict's shard shapes were saved at a world size other than `world`."""
-    expected = _expected_state_shapes(optimizer.param_groups, world)
-    for index, tensors in state_dict.get("state", {}).items():
-        for key, want in expected.get(index, {}).items():
-            if key in tensors and tuple(tensors[key].shape) != want:
-                raise NanochatError(
-                    f"optimizer state does not fit {world} rank(s): state[{index}][{key!r}] has shape "
-                    f"{tuple(tensors[key].shape)}, expected {want}. The checkpoint was written by a different number "
-                    "of ranks: load every optim_*_rank*.pt file and use nanochat.optim.load_resharded_state_dict(), "
-                    "or resume with the original number of workers.")
-
-
-def _concat_rows(parts: list[Tensor], total: int) -> Tensor:
-    device = parts[0].device
-    return torch.cat([t.to(device) for t in parts], dim=0)[:total].clone()
-
-
-def _take_rows(full: Tensor, rank: int, per_rank: int) -> Tensor:
-    """Rows [rank*per_rank, (rank+1)*per_rank) of full, zero-padded past its end."""
-    out = full.new_zeros((per_rank, *full.shape[1:]))
-    lo, hi = rank * per_rank, min((rank + 1) * per_rank, full.shape[0])
-    if hi > lo:
-        out[:hi - lo].copy_(full[lo:hi])
-    return out
-
-
-def gather_full_optimizer_state(rank_state_dicts: list[dict], optimizer: torch.optim.Optimizer) -> dict:
-    """Merge the state dicts of all W old ranks (in rank order) into the world-size-1 layout.
-
-    `optimizer` supplies the parameter shapes and group structure (same model and group layout as when saved).
-    """
-    world = len(rank_state_dicts)
-    if world == 0:
-        raise ValueError("gather_full_optimizer_state: need at least one rank state dict")
-    for sd in rank_state_dicts:
-        check_state_dict_world(sd, optimizer, world)  # also catches a missing or extra rank file
-    states = [sd["state"] for sd in rank_state_dicts]
-    full_state = {}
-    for index, kind, group, p, shard in _iter_layout(optimizer.param_groups, world):
-        if index not in states[0]:
-            continue
-        if kind == "adamw":
-            src = states[0][index]
-            entry = {"step": src["step"]}
-            for key in ("exp_avg", "exp_avg_sq"):
-                entry[key] = src[key].clone() if shard is None else _concat_rows([s[index][key] for s in states],
-                                                                                    p.shape[0])
-            full_state[index] = entry
-        elif shard is not None:
-            k = len(group["params"])
-            full_state[index] = {key: _concat_rows([s[index][key] for s in states], k)
-                                 for key in ("momentum_buffer", "second_momentum_buffer")}
-    return {"state": full_state, "param_groups": [dict(g) for g in rank_state_dicts[0]["param_groups"]]}
-
-
-def shard_optimizer_state(full_state_dict: dict, optimizer: torch.optim.Optimizer, rank: int, world: int) -> dict:
-    """Cut a world-size-1 state dict into the state dict that rank `rank` of `world` ranks would hold."""
-    if not 0 <= rank < world:
-        raise ValueError(f"shard_optimizer_state: rank {rank} is outside 0..{world - 1}")
-    check_state_dict_world(full_state_dict, optimizer, 1)
-    full = full_state_dict["state"]
-    out = {}
-    for index, kind, _group, _p, shard in _iter_layout(optimizer.param_groups, world):
-        if index not in full:
-            continue
-        if kind == "adamw":
-            src = full[index]
-            entry = {"step": src["step"]}
-            for key in ("exp_avg", "exp_avg_sq"):
-                entry[key] = src[key].clone() if shard is None else _take_rows(src[key], rank, shard)
-            out[index] = entry
-        elif shard is not None:
-            out[index] = {key: _take_rows(full[index][key], rank, shard)
-                          for key in ("momentum_buffer", "second_momentum_buffer")}
-    return {"state": out, "param_groups": [dict(g) for g in full_state_dict["param_groups"]]}
-
-
-def load_resharded_state_dict(optimizer: torch.optim.Optimizer, rank_state_dicts: list[dict]) -> None:
-    """Load the state saved by len(rank_state_dicts) ranks into this rank of the current world (any size)."""
-    rank, world = _dist_rank_world()
-    full = gather_full_optimizer_state(rank_state_dicts, optimizer)
-    optimizer.load_state_dict(shard_optimizer_state(full, optimizer, rank, world))
